@@ -1,0 +1,169 @@
+"""The ``satdifuser`` command line: extract features once, inspect and verify caches."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature caches.")
+demo_app = typer.Typer(no_args_is_help=True, help="Build the embedded demo task and backbone.")
+app.add_typer(cache_app, name="cache")
+app.add_typer(demo_app, name="demo")
+
+
+class Split(str, Enum):
+    train = "train"
+    val = "val"
+    test = "test"
+    all = "all"
+
+
+@contextmanager
+def user_errors():
+    """Turn the errors a user can fix into one line on stderr and exit status 2."""
+    from pipeline.backbone.loader import BackboneError
+    from pipeline.cache.store import CacheError
+    from pipeline.config import ConfigError
+
+    try:
+        yield
+    except (ConfigError, CacheError, BackboneError, FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``key=value`` pairs, values read as YAML (``save_timesteps=[47,45]``, ``latent=mean``)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r} is not key=value", param_hint="--set")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+ConfigArg = Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Experiment config (configs/*_exp.yaml).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: key=value (repeatable).")]
+
+
+@app.command()
+def extract(
+    config: ConfigArg,
+    split: Annotated[Split, typer.Option(help="Split to extract.")] = Split.all,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 or auto (default: the config's).")] = None,
+    cache_dir: Annotated[Optional[str], typer.Option(help="Cache root: a folder or an fsspec URL.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a cache built with other settings.")] = False,
+    set_: SetOpt = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """Run DiffusionSat once over a split and write its features to the Zarr cache."""
+    from pipeline.config import load_config
+    from pipeline.extract import extract_split
+
+    with user_errors():
+        overrides = parse_overrides(set_ or [])
+        if cache_dir:
+            overrides["cache_dir"] = cache_dir
+        cfg = load_config(config, overrides)
+        splits = ["train", "val", "test"] if split is Split.all else [split.value]
+        for name in splits:
+            result = extract_split(cfg, name, device=device, overwrite=overwrite, progress=progress)
+            rate = f", {result.images_per_second:.1f} img/s" if result.extracted else " (already complete)"
+            typer.echo(f"{result.path}: {result.num_samples} samples, {result.extracted} extracted{rate}")
+
+
+@cache_app.command("info")
+def cache_info(
+    path: Annotated[str, typer.Argument(help="Cache path or URL (.../<split>.zarr).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """Layers, timesteps, shapes, bytes on disk, compression and provenance of a cache."""
+    from pipeline.cache.audit import cache_info as info_of
+    from pipeline.cache.reader import open_cache
+
+    with user_errors():
+        info = info_of(open_cache(path))
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    typer.echo(format_info(info))
+
+
+def format_info(info: dict) -> str:
+    mib = 1 << 20
+    ds, ex = info["dataset"], info["extraction"]
+    lines = [
+        f"cache        {info['path']}",
+        f"samples      {info['done']} of {info['num_samples']} done ({ds['name']} / {ds['split']}, partition {ds['partition']})",
+        f"backbone     {info['backbone']}  ({ex['mode']}, {ex['num_timesteps']} steps, {ex['precision']}, prompt {ex['prompt']!r})",
+        f"timesteps    " + ", ".join(f"{k} (UNet t={v})" for k, v in info["timesteps"].items()),
+        f"on disk      {info['bytes_on_disk'] / mib:.1f} MiB, {info['bytes_per_image'] / 1024:.1f} KiB per image; "
+        f"features {info['feature_bytes_on_disk'] / mib:.1f} MiB of {info['feature_bytes_raw_fp16'] / mib:.1f} MiB fp16 "
+        f"(ratio {info['compression_ratio']}, codec {info['codec']}, shards of {info['shard_size']})",
+        f"cost         {info['unet_passes_per_image']} UNet passes per image; ledger {info['ledger']}",
+        f"created      {info['created']} (code {info['code_version']})",
+        f"layers       {len(info['layers'])}:",
+    ]
+    lines += [f"  {name:<24} {'x'.join(map(str, shape))}" for name, shape in info["layers"].items()]
+    return "\n".join(lines)
+
+
+@cache_app.command("verify")
+def cache_verify(path: Annotated[str, typer.Argument(help="Cache path or URL (.../<split>.zarr).")]):
+    """Check that every unit is done and every array is present, readable and consistent."""
+    from pipeline.cache.audit import verify_cache
+    from pipeline.cache.reader import open_cache
+
+    with user_errors():
+        problems = verify_cache(open_cache(path))
+    for line in problems:
+        typer.echo(f"problem: {line}", err=True)
+    if problems:
+        typer.echo(f"{path}: {len(problems)} problem(s)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{path}: ok")
+
+
+@demo_app.command("data")
+def demo_data(
+    out: Annotated[Path, typer.Option(help="GEO-Bench root to write the demo tasks into.")] = Path("data/geobench"),
+    overwrite: Annotated[bool, typer.Option(help="Replace existing demo tasks.")] = False,
+):
+    """Cut the Sentinel-2 demo scene into GEO-Bench classification and segmentation tasks."""
+    from pipeline.data.demo import build_demo_tasks
+
+    with user_errors():
+        summary = build_demo_tasks(out, overwrite=overwrite)
+    typer.echo(f"demo tasks written to {out}: {summary['split_sizes']}")
+
+
+@demo_app.command("backbone")
+def demo_backbone(
+    out: Annotated[Path, typer.Option(help="Checkpoint root to write the tiny DiffusionSat into.")] = Path("models/demo-diffusionsat"),
+    img_size: Annotated[int, typer.Option(help="Image size it is built for (folder resolution{img_size}).")] = 128,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing demo backbone.")] = False,
+):
+    """Write a tiny random DiffusionSat in the published checkpoint layout."""
+    from pipeline.backbone.demo import build_demo_backbone
+
+    with user_errors():
+        path = build_demo_backbone(out, img_size=img_size, overwrite=overwrite)
+    typer.echo(f"demo backbone written to {path}")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

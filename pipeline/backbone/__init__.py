@@ -1,0 +1,1 @@
+"""DiffusionSat: loading, layer hooks, inversion schedule and feature extraction."""

@@ -1,0 +1,1 @@
+"""The feature cache: Zarr layout, writer, reader, info and verify."""

@@ -1,0 +1,156 @@
+"""Reading any subset of timesteps x layers from a cache, for a batch of indices."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .layout import ATTRS_KEY, FORMAT_VERSION, CachePlan, feature_path, pooled_path, trajectory_path
+from .store import CacheError, CacheMismatch, differences, open_root
+
+
+def open_cache(path: str, storage_options: dict | None = None, expect: dict | None = None) -> "FeatureCache":
+    """Open a cache read-only; with ``expect``, refuse one built for another request.
+
+    ``expect`` is a partial request, e.g. ``{"backbone": {"id": ...}, "extraction": {...}}``:
+    only the keys it names are compared.
+    """
+    try:
+        root = open_root(path, "r", storage_options)
+    except FileNotFoundError:
+        raise CacheError(f"no cache at {path}; run `satdifuser extract` first") from None
+    except Exception as err:  # zarr raises several kinds for "not a group here"
+        raise CacheError(f"no cache at {path} ({type(err).__name__}); run `satdifuser extract` first") from None
+    attrs = root.attrs.get(ATTRS_KEY)
+    if attrs is None:
+        raise CacheError(f"{path} is a Zarr store but not a feature cache (no '{ATTRS_KEY}' attributes)")
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise CacheError(
+            f"cache {path} has format version {attrs.get('format_version')}, this version reads "
+            f"{FORMAT_VERSION}; rebuild it with `satdifuser extract --overwrite`"
+        )
+    cache = FeatureCache(root, path, attrs)
+    if expect:
+        cache.check(expect)
+    return cache
+
+
+def _subset(request: dict, expect: dict) -> dict:
+    return {k: _subset(request.get(k, {}), v) if isinstance(v, dict) else request.get(k, "<absent>")
+            for k, v in expect.items()}
+
+
+class FeatureCache:
+    def __init__(self, root, path: str, attrs: dict):
+        self.root = root
+        self.path = path
+        self.attrs = attrs
+        self.plan = CachePlan.from_attrs(attrs["plan"])
+
+    # --- what it holds -----------------------------------------------------------------------
+    @property
+    def request(self) -> dict:
+        return self.attrs["request"]
+
+    @property
+    def timesteps(self) -> list[str]:
+        return list(self.plan.timesteps)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.plan.layer_shapes)
+
+    @property
+    def layer_shapes(self) -> dict[str, tuple[int, int, int]]:
+        return dict(self.plan.layer_shapes)
+
+    def __len__(self) -> int:
+        return self.plan.num_samples
+
+    @cached_property
+    def done(self) -> np.ndarray:
+        return self.root["done"][:]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+    @cached_property
+    def sample_names(self) -> list[str]:
+        return [str(s) for s in self.root["sample_names"][:]]
+
+    def check(self, expect: dict) -> None:
+        """Raise CacheError naming both sides of every key of ``expect`` that differs."""
+        diffs = differences(_subset(self.request, expect), expect)
+        if diffs:
+            raise CacheMismatch(self.path, diffs, "extract a cache for these settings")
+
+    # --- reading -----------------------------------------------------------------------------
+    def _select(self, timesteps, layers) -> tuple[list[str], list[str]]:
+        timesteps = list(timesteps) if timesteps is not None else self.timesteps
+        layers = list(layers) if layers is not None else self.layers
+        for asked, held, what in ((timesteps, self.timesteps, "timesteps"), (layers, self.layers, "layers")):
+            lacking = [x for x in asked if x not in held]
+            if lacking:
+                raise CacheError(f"cache {self.path} has no {what} {lacking}; it holds {held}")
+        return timesteps, layers
+
+    def _rows(self, name: str, indices) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"indices out of range for cache {self.path} of {len(self)} samples")
+        if not self.done[idx].all():
+            raise CacheError(
+                f"cache {self.path} is incomplete: {int((~self.done[idx]).sum())} of the requested samples "
+                "are not extracted yet; run `satdifuser extract` again to resume"
+            )
+        array = self.root[name]
+        if idx.size and np.all(np.diff(idx) == 1):
+            return array[int(idx[0]) : int(idx[-1]) + 1]  # contiguous: one slice, whole shards
+        return array.get_orthogonal_selection((idx,))
+
+    def features(self, indices, timesteps=None, layers=None) -> dict[str, dict[str, torch.Tensor]]:
+        """``{timestep: {layer: (B, C, H, W) float16 tensor}}``; unselected arrays are not read."""
+        timesteps, layers = self._select(timesteps, layers)
+        return {t: {l: torch.from_numpy(self._rows(feature_path(t, l), indices)) for l in layers} for t in timesteps}
+
+    def pooled(self, indices, timesteps=None, layers=None) -> dict[str, dict[str, torch.Tensor]]:
+        timesteps, layers = self._select(timesteps, layers)
+        return {t: {l: torch.from_numpy(self._rows(pooled_path(t, l), indices)) for l in layers} for t in timesteps}
+
+    def trajectory(self, indices, timesteps=None) -> dict[str, torch.Tensor]:
+        timesteps, _ = self._select(timesteps, None)
+        return {t: torch.from_numpy(self._rows(trajectory_path(t), indices)) for t in timesteps}
+
+    def latents(self, indices) -> torch.Tensor:
+        return torch.from_numpy(self._rows("latents", indices))
+
+    def labels(self, indices) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self._rows("labels", indices)))
+
+    def dataset(self, timesteps=None, layers=None, pooled: bool = False) -> "CacheDataset":
+        return CacheDataset(self, timesteps, layers, pooled)
+
+
+class CacheDataset(Dataset):
+    """A torch Dataset over a cache: ``{"features": {t: {layer: tensor}}, "label", "index"}``."""
+
+    def __init__(self, cache: FeatureCache, timesteps=None, layers=None, pooled: bool = False):
+        self.cache = cache
+        self.timesteps, self.layers = cache._select(timesteps, layers)
+        self.pooled = pooled
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, index: int) -> dict:
+        read = self.cache.pooled if self.pooled else self.cache.features
+        feats = read([index], self.timesteps, self.layers)
+        return {
+            "features": {t: {l: x[0] for l, x in by_layer.items()} for t, by_layer in feats.items()},
+            "label": self.cache.labels([index])[0],
+            "index": index,
+        }

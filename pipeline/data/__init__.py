@@ -1,0 +1,1 @@
+"""Tasks: GEO-Bench reading and the embedded demo."""

@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from pipeline.backbone.extractor import (
+    LATENT_SCALE, ExtractionSettings, FeatureExtractor, sample_seed, seeded_normal,
+)
+from pipeline.backbone.layers import as_map, capture
+from pipeline.backbone.loader import BackboneSpec, load_diffusionsat
+from pipeline.backbone.schedule import ddim_scheduler
+
+SAVE = (47, 45, 40)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_backbone):
+    return load_diffusionsat(tiny_backbone)
+
+
+def reference_inversion(model, layers, latents, cond, num_timesteps=50, save=SAVE):
+    """The reference's generalized_steps (inversion, eta 0, no guidance), written out step by step."""
+    scheduler = ddim_scheduler(model.scheduler_config)
+    scheduler.set_timesteps(num_timesteps)
+    seq = torch.flip(scheduler.timesteps, dims=(0,))
+    b = scheduler.betas
+    seq_next = [-1] + list(seq[:-1])
+    n = latents.shape[0]
+    xs, feats = [latents], {}
+    for i, (t, next_t) in enumerate(zip(seq_next, seq)):
+        if i >= num_timesteps - min(save):
+            break
+        t, next_t = torch.ones(n) * t, torch.ones(n) * next_t
+        at = torch.ones_like(t) if t.sum().item() == -n else (1 - b).cumprod(dim=0).index_select(0, t.long())
+        at_next = torch.ones_like(t) if next_t.sum().item() == -n else (1 - b).cumprod(dim=0).index_select(0, next_t.long())
+        at, at_next = at[:, None, None, None], at_next[:, None, None, None]
+        cur_t = len(seq_next) - i - 1
+        xt = xs[-1]
+        with capture(layers) as store:
+            et = model.unet(xt, t, encoder_hidden_states=cond).sample
+        if cur_t in save:
+            feats[cur_t] = {name: as_map(out) for name, out in store.items()}
+        x0_t = (xt - et * (1 - at).sqrt()) / at.sqrt()
+        xs.append(at_next.sqrt() * x0_t + (1 - at_next).sqrt() * et)
+    return feats
+
+
+def test_inversion_features_equal_the_reference_loop(model):
+    extractor = FeatureExtractor(model, ExtractionSettings(latent="mean"))
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8)
+    ours = extractor.features(latents, ["a", "b"])
+    cond = extractor.cond.expand(2, -1, -1)
+    ref = reference_inversion(model, extractor.layers, latents, cond)
+    assert sorted(ours.maps) == ["t40", "t45", "t47"]
+    for label in SAVE:
+        for name, fmap in ref[label].items():
+            torch.testing.assert_close(ours.maps[f"t{label}"][name], fmap.to(torch.float16), rtol=0, atol=0)
+            torch.testing.assert_close(ours.pooled[f"t{label}"][name], fmap.mean(dim=(2, 3)))
+
+
+def test_trajectory_holds_the_unet_input_of_each_saved_pass(model):
+    extractor = FeatureExtractor(model, ExtractionSettings(latent="mean", save_timesteps=(49, 48)))
+    latents = torch.randn(1, 4, 8, 8)
+    out = extractor.features(latents, ["a"])
+    torch.testing.assert_close(out.trajectory["t49"], latents)  # first pass: the clean latent at t = -1
+    assert not torch.equal(out.trajectory["t48"], latents)
+
+
+def test_latents_are_seeded_per_sample_not_per_batch(model):
+    extractor = FeatureExtractor(model, ExtractionSettings(seed=7))
+    images = torch.rand(3, 3, 64, 64) * 2 - 1
+    together = extractor.encode(images, ["x", "y", "z"])
+    alone = extractor.encode(images[[2, 0]], ["z", "x"])
+    torch.testing.assert_close(alone, together[[2, 0]], rtol=0, atol=1e-6)
+    dist = model.vae.encode(images).latent_dist
+    eps = seeded_normal(dist.mean.shape[1:], ["x"], 7, "latent")
+    torch.testing.assert_close(together[:1], (dist.mean[:1] + dist.std[:1] * eps) * LATENT_SCALE)
+    mean = FeatureExtractor(model, ExtractionSettings(latent="mean")).encode(images, ["x", "y", "z"])
+    torch.testing.assert_close(mean, dist.mean * LATENT_SCALE)
+    assert sample_seed(7, "x", "latent") != sample_seed(8, "x", "latent") != sample_seed(7, "x", "noise")
+
+
+def test_unet_passes_per_mode(model):
+    calls = []
+    hook = model.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        FeatureExtractor(model, ExtractionSettings()).features(torch.randn(1, 4, 8, 8), ["a"])
+        assert len(calls) == 10
+        calls.clear()
+        FeatureExtractor(model, ExtractionSettings(mode="generation")).features(torch.randn(1, 4, 8, 8), ["a"])
+        assert len(calls) == 3
+    finally:
+        hook.remove()
+
+
+def test_metadata_reaches_the_unet_when_it_has_the_embedding(tiny_backbone):
+    spec = BackboneSpec(tiny_backbone.root, img_size=64, use_metadata=True, num_metadata=7)
+    with_md = load_diffusionsat(spec)
+    latents = torch.randn(1, 4, 8, 8)
+    zeros = FeatureExtractor(with_md, ExtractionSettings(save_timesteps=(49,))).features(latents, ["a"])
+    given = FeatureExtractor(with_md, ExtractionSettings(save_timesteps=(49,), metadata=(500.0,) * 7)).features(latents, ["a"])
+    name = "up_blocks_3_conv2_2"
+    assert not torch.equal(zeros.maps["t49"][name], given.maps["t49"][name])
+    with pytest.raises(ValueError, match="metadata has 2 values; the UNet expects num_metadata=7"):
+        FeatureExtractor(with_md, ExtractionSettings(metadata=(1.0, 2.0)))

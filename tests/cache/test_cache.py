@@ -1,0 +1,179 @@
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cache.audit import cache_info, verify_cache
+from pipeline.cache.layout import CachePlan, feature_path, pooled_path, trajectory_path
+from pipeline.cache.reader import open_cache
+from pipeline.cache.store import CacheError
+from pipeline.cache.writer import CacheWriter
+
+PLAN = CachePlan(
+    num_samples=10, shard_size=4, timesteps=("t47", "t40"),
+    layer_shapes={"up_blocks_1_attn1_0": (8, 4, 4), "up_blocks_3_conv2_2": (4, 8, 8)},
+    latent_shape=(4, 8, 8), label_shape=(), label_dtype="int64",
+)
+REQUEST = {"backbone": {"id": "abc"}, "extraction": {"save_timesteps": [47, 40], "prompt": "p"},
+           "dataset": {"name": "toy", "split": "train"}}
+
+
+def fake_shard(plan: CachePlan, shard: int, seed: int = 0) -> dict:
+    start, stop = plan.shard_range(shard)
+    n = stop - start
+    rng = np.random.default_rng(seed + shard)
+    arrays = {"latents": rng.normal(size=(n, *plan.latent_shape)).astype(np.float32),
+              "labels": np.arange(start, stop), "sample_names": np.array([f"s{i}" for i in range(start, stop)])}
+    for t in plan.timesteps:
+        arrays[trajectory_path(t)] = rng.normal(size=(n, *plan.latent_shape)).astype(np.float32)
+        for layer, shape in plan.layer_shapes.items():
+            maps = rng.normal(size=(n, *shape)).astype(np.float16)
+            arrays[feature_path(t, layer)] = maps
+            arrays[pooled_path(t, layer)] = maps.astype(np.float32).mean(axis=(2, 3))
+    return arrays
+
+
+def build(path, shards=None, plan=PLAN) -> CacheWriter:
+    writer = CacheWriter.create(str(path), REQUEST, plan)
+    for shard in range(plan.num_shards) if shards is None else shards:
+        writer.write_shard(shard, fake_shard(plan, shard))
+    return writer
+
+
+def test_round_trip_of_any_subset(tmp_path):
+    build(tmp_path / "c.zarr")
+    cache = open_cache(str(tmp_path / "c.zarr"))
+    assert cache.complete and cache.timesteps == ["t47", "t40"] and len(cache) == 10
+    want = {s: fake_shard(PLAN, s) for s in range(3)}
+    feats = cache.features([1, 5, 9], timesteps=["t40"], layers=["up_blocks_3_conv2_2"])
+    assert list(feats) == ["t40"] and list(feats["t40"]) == ["up_blocks_3_conv2_2"]
+    got = feats["t40"]["up_blocks_3_conv2_2"].numpy()
+    path = feature_path("t40", "up_blocks_3_conv2_2")
+    np.testing.assert_array_equal(got, np.stack([want[0][path][1], want[1][path][1], want[2][path][1]]))
+    np.testing.assert_array_equal(cache.labels([2, 3, 4]).numpy(), [2, 3, 4])
+    assert cache.sample_names[7] == "s7"
+    contiguous = cache.pooled(range(4, 8), timesteps=["t47"])["t47"]["up_blocks_1_attn1_0"].numpy()
+    np.testing.assert_array_equal(contiguous, want[1][pooled_path("t47", "up_blocks_1_attn1_0")])
+
+
+def test_unselected_arrays_are_never_read(tmp_path):
+    build(tmp_path / "c.zarr")
+    # Remove everything but one array's data: reading it must still work.
+    shutil.rmtree(tmp_path / "c.zarr" / "features" / "t47")
+    shutil.rmtree(tmp_path / "c.zarr" / "pooled")
+    cache = open_cache(str(tmp_path / "c.zarr"))
+    out = cache.features([0, 1], timesteps=["t40"], layers=["up_blocks_1_attn1_0"])
+    assert out["t40"]["up_blocks_1_attn1_0"].shape == (2, 8, 4, 4)
+
+
+def test_asking_for_what_the_cache_lacks_lists_what_it_holds(tmp_path):
+    build(tmp_path / "c.zarr")
+    cache = open_cache(str(tmp_path / "c.zarr"))
+    with pytest.raises(CacheError, match=r"no timesteps \['t45'\]; it holds \['t47', 't40'\]"):
+        cache.features([0], timesteps=["t45"])
+    with pytest.raises(CacheError, match=r"no layers \['mid_block'\]"):
+        cache.dataset(layers=["mid_block"])
+
+
+def test_partial_cache_reports_pending_shards_and_refuses_undone_reads(tmp_path):
+    writer = build(tmp_path / "c.zarr", shards=[0, 2])
+    assert writer.pending_shards() == [1]
+    cache = open_cache(str(tmp_path / "c.zarr"))
+    assert not cache.complete
+    cache.features([0, 9])  # done rows read fine
+    with pytest.raises(CacheError, match="incomplete: 1 of the requested samples"):
+        cache.features([3, 4])
+
+
+def test_a_shard_missing_an_array_is_not_written(tmp_path):
+    writer = CacheWriter.create(str(tmp_path / "c.zarr"), REQUEST, PLAN)
+    arrays = fake_shard(PLAN, 0)
+    del arrays["latents"]
+    with pytest.raises(ValueError, match=r"lacks arrays \['latents'\]"):
+        writer.write_shard(0, arrays)
+    assert writer.pending_shards() == [0, 1, 2]
+
+
+def test_reopen_same_request_resumes_other_request_is_refused(tmp_path):
+    path = str(tmp_path / "c.zarr")
+    build(path, shards=[0])
+    again = CacheWriter.reopen(path, REQUEST)
+    assert again.plan == PLAN and again.pending_shards() == [1, 2]
+    other = {**REQUEST, "extraction": {"save_timesteps": [47], "prompt": "p"}}
+    with pytest.raises(CacheError) as err:
+        CacheWriter.reopen(path, other)
+    assert "extraction.save_timesteps: cache [47, 40], requested [47]" in str(err.value)
+    assert "--overwrite" in str(err.value)
+
+
+def test_half_created_store_counts_as_none(tmp_path):
+    import zarr
+
+    zarr.open_group(str(tmp_path / "c.zarr"), mode="w").create_array("latents", shape=(1,), dtype="f4")
+    assert CacheWriter.reopen(str(tmp_path / "c.zarr"), REQUEST) is None
+    assert CacheWriter.reopen(str(tmp_path / "nothing.zarr"), REQUEST) is None
+
+
+def test_reader_checks_expected_provenance(tmp_path):
+    build(tmp_path / "c.zarr")
+    open_cache(str(tmp_path / "c.zarr"), expect={"backbone": {"id": "abc"}})
+    with pytest.raises(CacheError, match="backbone.id: cache 'abc', requested 'xyz'"):
+        open_cache(str(tmp_path / "c.zarr"), expect={"backbone": {"id": "xyz"}})
+    with pytest.raises(CacheError, match="no cache at"):
+        open_cache(str(tmp_path / "missing.zarr"))
+
+
+def test_verify_passes_on_a_sound_cache_and_info_counts_bytes(tmp_path):
+    build(tmp_path / "c.zarr")
+    cache = open_cache(str(tmp_path / "c.zarr"))
+    assert verify_cache(cache) == []
+    info = cache_info(cache)
+    raw = 10 * 2 * (8 * 4 * 4 + 4 * 8 * 8) * 2
+    assert info["feature_bytes_raw_fp16"] == raw and info["num_samples"] == 10 and info["done"] == 10
+    assert 0 < info["feature_bytes_on_disk"] and info["compression_ratio"] == pytest.approx(raw / info["feature_bytes_on_disk"], rel=1e-2)
+
+
+def _shard_file(root: Path, t="t47", layer="up_blocks_3_conv2_2", shard=1) -> Path:
+    return root / "features" / t / layer / "c" / str(shard) / "0" / "0" / "0"
+
+
+def test_verify_catches_missing_truncated_and_inconsistent_data(tmp_path):
+    root = tmp_path / "c.zarr"
+    build(root)
+    _shard_file(root).unlink()
+    assert any("chunks missing" in p for p in verify_cache(open_cache(str(root))))
+
+    build(root)
+    f = _shard_file(root)
+    f.write_bytes(f.read_bytes()[:-20])
+    assert any("unreadable" in p for p in verify_cache(open_cache(str(root))))
+
+    build(root)
+    pooled = __import__("zarr").open_array(str(root / "pooled" / "t40" / "up_blocks_1_attn1_0"))
+    pooled[0] = pooled[0] + 5
+    assert any("differs from the mean of its maps" in p for p in verify_cache(open_cache(str(root))))
+
+    build(root, shards=[0, 1])
+    assert "2 of 10 samples are not marked done" in verify_cache(open_cache(str(root)))[0]
+
+
+def test_file_url_store(tmp_path):
+    url = (tmp_path / "c.zarr").as_uri()
+    build(url)
+    cache = open_cache(url)
+    assert cache.complete and verify_cache(cache) == []
+
+
+def test_shards_equal_to_the_fill_value_are_stored(tmp_path):
+    writer = CacheWriter.create(str(tmp_path / "c.zarr"), REQUEST, PLAN)
+    for shard in range(PLAN.num_shards):
+        arrays = fake_shard(PLAN, shard)
+        arrays["labels"] = np.zeros_like(arrays["labels"])  # a shard of class 0
+        writer.write_shard(shard, arrays)
+    # Resumed writers open arrays afresh; they must store such shards too.
+    resumed = CacheWriter.reopen(str(tmp_path / "c.zarr"), REQUEST)
+    arrays = fake_shard(PLAN, 1)
+    arrays["labels"] = np.zeros_like(arrays["labels"])
+    resumed.write_shard(1, arrays)
+    assert verify_cache(open_cache(str(tmp_path / "c.zarr"))) == []

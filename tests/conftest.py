@@ -1,0 +1,47 @@
+import os
+import tempfile
+
+# Set before any test module imports transformers, diffusers or geobench.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not os.environ.get("GEO_BENCH_DIR"):
+    os.environ["GEO_BENCH_DIR"] = tempfile.mkdtemp(prefix="geobench-")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory):
+    """A tiny random DiffusionSat at 64 px (with metadata weights), loaded without metadata."""
+    from pipeline.backbone.demo import build_demo_backbone
+    from pipeline.backbone.loader import BackboneSpec
+
+    root = tmp_path_factory.mktemp("diffusionsat")
+    build_demo_backbone(root, img_size=64)
+    return BackboneSpec(root, img_size=64, use_metadata=False)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """A GEO-Bench root with a 6 x 6-patch corner of the demo scene (both tasks, 20/8/8 split)."""
+    from pipeline.data.demo import build_demo_tasks
+
+    root = tmp_path_factory.mktemp("geobench")
+    build_demo_tasks(root, block_patches=2, max_grid=(6, 6))
+    return root
+
+
+@pytest.fixture
+def make_config(demo_root, tiny_backbone, tmp_path):
+    """Build a demo experiment config that points at the tiny task, backbone and a tmp cache."""
+    from pipeline.config import load_config
+
+    def make(exp: str = "demo_cls", **overrides):
+        values = {
+            "geobench_dir": str(demo_root), "pretrained_model_name_or_path": str(tiny_backbone.root),
+            "img_size": 64, "cache_dir": str(tmp_path / "cache"), "shard_size": 4,
+            "extract_batch_size": 3, "num_workers": 0, "device": "cpu",
+        }
+        values.update(overrides)
+        return load_config(f"configs/{exp}_exp.yaml", values)
+
+    return make

@@ -1,0 +1,83 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def exp_file(tmp_path, demo_root, tiny_backbone):
+    """An experiment file for the tiny demo, as a user would write it."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({
+        "base": [str((__import__("pathlib").Path("configs") / "demo_cls_exp.yaml").resolve())],
+        "geobench_dir": str(demo_root), "pretrained_model_name_or_path": str(tiny_backbone.root),
+        "img_size": 64, "cache_dir": str(tmp_path / "cache"), "shard_size": 4, "num_workers": 0,
+    }))
+    return path
+
+
+def test_extract_info_verify(exp_file, tmp_path):
+    result = runner.invoke(app, ["extract", str(exp_file), "--split", "test", "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    cache = tmp_path / "cache" / "demo-landcover" / "test.zarr"
+    assert f"{cache}: 8 samples, 8 extracted" in result.output
+
+    info = runner.invoke(app, ["cache", "info", str(cache)])
+    assert info.exit_code == 0, info.output
+    assert "8 of 8 done" in info.output and "t47 (UNet t=21), t45 (UNet t=61), t40 (UNet t=161)" in info.output
+    assert "layers       21:" in info.output and "10 UNet passes per image" in info.output
+    as_json = json.loads(runner.invoke(app, ["cache", "info", str(cache), "--json"]).output)
+    assert as_json["num_samples"] == 8 and len(as_json["layers"]) == 21
+
+    ok = runner.invoke(app, ["cache", "verify", str(cache)])
+    assert ok.exit_code == 0 and ok.output.strip().endswith(": ok")
+
+    again = runner.invoke(app, ["extract", str(exp_file), "--split", "test", "--device", "cpu", "--no-progress"])
+    assert "(already complete)" in again.output
+
+    shard = next((cache / "features" / "t40").glob("*/c/1/0/0/0"))
+    shard.unlink()
+    bad = runner.invoke(app, ["cache", "verify", str(cache)])
+    assert bad.exit_code == 1 and "chunks missing" in bad.output
+
+
+def test_user_errors_are_one_line_with_exit_status_2(exp_file, tmp_path):
+    cases = [
+        (["--set", "fusr=gw"], "unknown key 'fusr'"),
+        (["--set", "pretrained_model_name_or_path=" + str(tmp_path / "nowhere")], "does not exist"),
+        (["--set", "save_timesteps=[47,60]"], "save_timesteps [47, 60] has labels >= num_timesteps 50"),
+        (["--set", "geobench_dir=" + str(tmp_path / "nodata")], "GEO-Bench task not found"),
+        (["--set", "noequals"], "is not key=value"),
+    ]
+    for extra, message in cases:
+        result = runner.invoke(app, ["extract", str(exp_file), "--split", "val", "--device", "cpu", *extra])
+        assert result.exit_code == 2, (extra, result.output)
+        assert message in result.output
+        assert "Traceback" not in result.output
+
+
+def test_mismatched_cache_is_refused_then_overwritten(exp_file):
+    base = ["extract", str(exp_file), "--split", "val", "--device", "cpu", "--no-progress"]
+    assert runner.invoke(app, base).exit_code == 0
+    refused = runner.invoke(app, base + ["--set", "latent=mean"])
+    assert refused.exit_code == 2 and "extraction.latent: cache 'sample', requested 'mean'" in refused.output
+    assert runner.invoke(app, base + ["--set", "latent=mean", "--overwrite"]).exit_code == 0
+
+
+def test_missing_cache_and_missing_config():
+    assert runner.invoke(app, ["cache", "info", "/nonexistent/x.zarr"]).exit_code == 2
+    result = runner.invoke(app, ["extract", "/nonexistent.yaml"])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_help_is_fast_and_imports_no_torch():
+    code = "import sys, cli; cli.app(['--help'], standalone_mode=False); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")

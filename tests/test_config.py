@@ -1,0 +1,82 @@
+import shutil
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+REFERENCE_EXPS = ["eurosat", "ben", "chesa", "nzcattle"]
+
+
+@pytest.mark.parametrize("name", REFERENCE_EXPS + ["demo_cls", "demo_seg"])
+def test_shipped_configs_load(name):
+    cfg = load_config(f"configs/{name}_exp.yaml")
+    assert cfg.save_timesteps == [47, 45, 40] and cfg.num_timesteps == 50
+    assert cfg.layer_idxs == {"up_blocks": {"attn1": "all", "conv2": "all"}}
+    assert cfg.projection_dim == 384 and cfg.diffusion_mode == "inversion"
+
+
+def test_reference_values_survive_the_merge():
+    cfg = load_config("configs/chesa_exp.yaml")
+    assert (cfg.dataset_name, cfg.task, cfg.num_classes) == ("mchesapeake", "segmentation", 7)
+    assert (cfg.op_weight_decay, cfg.batch_size, cfg.eval_every_n_steps) == (0.0001, 64, 50)
+    assert cfg.pool_scales == [1, 2, 3, 6] and cfg.channels == 512
+    assert cfg.cache_path("train") == "cache/mchesapeake/train.zarr"
+
+
+def test_reference_experiment_file_runs_unchanged(tmp_path):
+    # An experiment file as the reference writes it, dropped next to our configs, wandb and all.
+    shutil.copytree("configs", tmp_path / "configs")
+    exp = tmp_path / "configs" / "my_exp.yaml"
+    exp.write_text(
+        "lr: 0.01\nreport_to: wandb\nwandb_project: satdifuser\nnum_workers: 4\nlimited_label: 0.1\n"
+        "device: cuda\nbase:\n  - _base_/diffusionsat.yaml\n  - _base_/satdifuser.yaml\n"
+        "  - _base_/upernet.yaml\n  - tasks/meurosat.yaml\n"
+    )
+    cfg = load_config(exp)
+    assert cfg.report_to == "wandb" and cfg.limited_label == 0.1 and cfg.dataset_name == "meurosat"
+
+
+def test_later_files_and_overrides_win_and_dicts_merge_deeply(tmp_path):
+    (tmp_path / "base.yaml").write_text("dataset_name: x\nlayer_idxs:\n  up_blocks:\n    attn1: all\n")
+    (tmp_path / "exp.yaml").write_text("base: [base.yaml]\nlayer_idxs:\n  up_blocks:\n    conv2: [[1, 0]]\n")
+    cfg = load_config(tmp_path / "exp.yaml", {"latent": "mean"})
+    assert cfg.layer_idxs == {"up_blocks": {"attn1": "all", "conv2": [[1, 0]]}}
+    assert cfg.latent == "mean"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"fusr": "gw"}, "unknown key 'fusr' (value 'gw'); did you mean 'fuser'?"),
+        ({"fuser": "mlp"}, "fuser is 'mlp'; expected one of gw, lw, moe"),
+        ({"save_timesteps": [47, "x"]}, "save_timesteps is [47, 'x']; expected a non-empty list of integers >= 0"),
+        ({"save_timesteps": [50]}, "save_timesteps [50] has labels >= num_timesteps 50"),
+        ({"latent": "mode"}, "latent is 'mode'; expected one of sample, mean"),
+        ({"layer_idxs": {"up_blocks": {"attn1": "some"}}}, "expected a mapping like {up_blocks:"),
+        ({"img_size": 100}, "img_size 100 is not a multiple of 8"),
+        ({"use_metadata": True}, "use_metadata is true but num_metadata is 0"),
+        ({"batch_size": 0}, "batch_size is 0; expected an integer >= 1"),
+    ],
+)
+def test_bad_values_are_refused_with_key_value_and_allowed(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/eurosat_exp.yaml", overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_error_names_the_file_that_set_the_key(tmp_path):
+    (tmp_path / "exp.yaml").write_text("dataset_name: x\nnum_timesteps: -3\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml: num_timesteps is -3; expected an integer >= 1"):
+        load_config(tmp_path / "exp.yaml")
+
+
+def test_missing_files_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "exp.yaml").write_text("base: [missing.yaml]\n")
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        load_config(tmp_path / "exp.yaml")
+    (tmp_path / "bad.yaml").write_text("lr: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(tmp_path / "bad.yaml")

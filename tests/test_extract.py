@@ -1,0 +1,120 @@
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.backbone.extractor import FeatureExtractor
+from pipeline.backbone.loader import load_diffusionsat
+from pipeline.cache.audit import verify_cache
+from pipeline.cache.reader import open_cache
+from pipeline.cache.store import CacheError
+from pipeline.cache.writer import CacheWriter
+from pipeline.data.geobench_task import GeoBenchSplit, TaskSource
+from pipeline.extract import backbone_spec, extract_split, extraction_settings
+
+
+def all_arrays(path: str) -> dict:
+    out = {}
+    group = zarr.open_group(path, mode="r")
+    for name, array in group.arrays():
+        out[name] = array[:]
+    for name, sub in group.groups():
+        out.update({f"{name}/{k}": v for k, v in all_arrays(f"{path}/{name}").items()})
+    return out
+
+
+def test_cache_holds_what_live_extraction_computes(make_config):
+    cfg = make_config()
+    result = extract_split(cfg, "train", progress=False)
+    assert result.extracted == result.num_samples == 20 and result.unet_passes == 200
+    cache = open_cache(result.path)
+    assert verify_cache(cache) == []
+    assert len(cache.layers) == 21 and cache.timesteps == ["t47", "t45", "t40"]
+
+    dataset = GeoBenchSplit(TaskSource.from_config(cfg), "train")
+    samples = [dataset[i] for i in range(len(dataset))]
+    extractor = FeatureExtractor(load_diffusionsat(backbone_spec(cfg)), extraction_settings(cfg))
+    live = extractor(torch.stack([s["image"] for s in samples]), [s["name"] for s in samples])  # one batch of 20
+
+    assert cache.sample_names == [s["name"] for s in samples]
+    np.testing.assert_array_equal(cache.labels(range(20)).numpy(), [int(s["label"]) for s in samples])
+    torch.testing.assert_close(cache.latents(range(20)), live.latents, rtol=0, atol=1e-5)
+    feats = cache.features(range(20))
+    pooled = cache.pooled(range(20))
+    for t in cache.timesteps:
+        for layer in cache.layers:
+            # Cached in batches of 3 within shards of 4, live in one batch of 20: same numbers.
+            torch.testing.assert_close(feats[t][layer], live.maps[t][layer], rtol=0, atol=2e-3)
+            torch.testing.assert_close(pooled[t][layer], live.pooled[t][layer], rtol=0, atol=1e-4)
+
+
+def test_second_run_finds_the_cache_complete(make_config):
+    cfg = make_config(shard_size=8)
+    extract_split(cfg, "test", progress=False)
+    again = extract_split(cfg, "test", progress=False)
+    assert again.extracted == 0 and again.unet_passes == 0
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(make_config, tmp_path, monkeypatch):
+    cfg = make_config()
+    whole = extract_split(cfg, "train", path=str(tmp_path / "whole.zarr"), progress=False)
+
+    real_write = CacheWriter.write_shard
+    calls = []
+
+    def dying_write(self, shard, arrays):
+        calls.append(shard)
+        if len(calls) == 3:  # write part of the third shard's arrays, then die
+            for name in list(arrays)[: len(arrays) // 2]:
+                start, stop = self.plan.shard_range(shard)
+                self.root[name][start:stop] = arrays[name]
+            raise KeyboardInterrupt("killed")
+        real_write(self, shard, arrays)
+
+    monkeypatch.setattr(CacheWriter, "write_shard", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        extract_split(cfg, "train", path=str(tmp_path / "resumed.zarr"), progress=False)
+    monkeypatch.setattr(CacheWriter, "write_shard", real_write)
+
+    partial = open_cache(str(tmp_path / "resumed.zarr"))
+    assert partial.done.tolist() == [True] * 8 + [False] * 12  # the half-written shard is not done
+    resumed = extract_split(cfg, "train", path=str(tmp_path / "resumed.zarr"), progress=False)
+    assert resumed.extracted == 12
+
+    a, b = all_arrays(whole.path), all_arrays(resumed.path)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_other_settings_are_refused_unless_overwrite(make_config):
+    extract_split(make_config(), "val", progress=False)
+    changed = make_config(save_timesteps=[47], prompt="A satellite image of farms")
+    with pytest.raises(CacheError) as err:
+        extract_split(changed, "val", progress=False)
+    message = str(err.value)
+    assert "extraction.save_timesteps: cache [47, 45, 40], requested [47]" in message
+    assert "extraction.prompt" in message and "--overwrite" in message
+    result = extract_split(changed, "val", overwrite=True, progress=False)
+    assert result.extracted == 8 and open_cache(result.path).timesteps == ["t47"]
+    # What a DVC stage does when its settings changed: replace the stale cache.
+    replaced = extract_split(make_config(), "val", replace_mismatched=True, progress=False)
+    assert replaced.extracted == 8 and open_cache(replaced.path).timesteps == ["t47", "t45", "t40"]
+
+
+def test_segmentation_labels_are_maps_at_original_size(make_config):
+    cfg = make_config("demo_seg", layer_idxs={"up_blocks": {"attn1": [], "conv2": [[1, 0], [3, 2]]}})
+    cache = open_cache(extract_split(cfg, "val", progress=False).path)
+    assert cache.layers == ["up_blocks_1_conv2_0", "up_blocks_3_conv2_2"]
+    labels = cache.labels(range(len(cache)))
+    assert labels.shape == (8, 64, 64) and labels.dtype == torch.uint8
+    dataset = GeoBenchSplit(TaskSource.from_config(cfg), "val")
+    np.testing.assert_array_equal(labels[3].numpy(), dataset[3]["label"])
+
+
+def test_generation_mode_runs_one_pass_per_label(make_config):
+    cfg = make_config(diffusion_mode="generation", save_timesteps=[47, 40])
+    result = extract_split(cfg, "val", progress=False)
+    assert result.unet_passes == 2 * 8
+    cache = open_cache(result.path)
+    assert cache.attrs["timestep_table"] == {"t47": 41, "t40": 181}
