@@ -28,13 +28,11 @@ class Split(str, Enum):
 @contextmanager
 def user_errors():
     """Turn the errors a user can fix into one line on stderr and exit status 2."""
-    from pipeline.backbone.loader import BackboneError
-    from pipeline.cache.store import CacheError
-    from pipeline.config import ConfigError
+    from pipeline.errors import UserError
 
     try:
         yield
-    except (ConfigError, CacheError, BackboneError, FileNotFoundError, ValueError) as err:
+    except (UserError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
 
@@ -43,11 +41,13 @@ def parse_overrides(items: list[str]) -> dict:
     """``key=value`` pairs, values read as YAML (``save_timesteps=[47,45]``, ``latent=mean``)."""
     import yaml
 
+    from pipeline.errors import UserError
+
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"{item!r} is not key=value", param_hint="--set")
+            raise UserError(f"--set {item!r} is not key=value (e.g. --set latent=mean)")
         out[key.strip()] = yaml.safe_load(value)
     return out
 
@@ -68,16 +68,16 @@ def extract(
 ):
     """Run DiffusionSat once over a split and write its features to the Zarr cache."""
     from pipeline.config import load_config
-    from pipeline.extract import extract_split
+    from pipeline.extract import Extraction
 
     with user_errors():
         overrides = parse_overrides(set_ or [])
         if cache_dir:
             overrides["cache_dir"] = cache_dir
-        cfg = load_config(config, overrides)
+        extraction = Extraction(load_config(config, overrides), device)
         splits = ["train", "val", "test"] if split is Split.all else [split.value]
         for name in splits:
-            result = extract_split(cfg, name, device=device, overwrite=overwrite, progress=progress)
+            result = extraction.run(name, overwrite=overwrite, progress=progress)
             rate = f", {result.images_per_second:.1f} img/s" if result.extracted else " (already complete)"
             typer.echo(f"{result.path}: {result.num_samples} samples, {result.extracted} extracted{rate}")
 

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
+from .errors import UserError
+
 TASK_KINDS = ("classification", "multi_label_classification", "segmentation")
 SPLITS = ("train", "val", "test")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot be used; the message says which key and what is allowed."""
 
 
@@ -77,6 +80,22 @@ def _list_of(inner, what: str, length=None, nonempty=False):
     return check
 
 
+def _unique_labels(v):
+    inner = _list_of(_int(0), "integers >= 0", nonempty=True)(v)
+    if inner or len(set(v)) != len(v):
+        return "a non-empty list of distinct integers >= 0"
+
+
+def _device(v):
+    if not isinstance(v, str) or not re.match(r"^(auto|cpu|mps|cuda(:\d+)?)$", v):
+        return "auto, cpu, cuda, cuda:N or mps"
+
+
+def _metadata(v):
+    if not isinstance(v, (list, tuple)) or any(_number(x) or not 0 <= x <= 1000 for x in v):
+        return "a list of numbers in [0, 1000] (DiffusionSat's normalised metadata)"
+
+
 def _layer_idxs(v):
     text = "a mapping like {up_blocks: {attn1: all, conv2: [[1, 0], [2, 1]]}}"
     if not isinstance(v, dict) or not v:
@@ -108,16 +127,18 @@ class Config:
     revision: str | None = _field(None, _optional(_str))
     resolution_subfolder: str | None = _field(None, _optional(_str), ours=True)
     unet_subfolder: str = _field("checkpoint-150000/unet", _str, ours=True)
-    metadata: list | None = _field(None, _optional(_list_of(_number, "numbers")), ours=True)
+    metadata: list | None = _field(None, _optional(_metadata), ours=True)
     # --- extraction (_base_/satdifuser.yaml) ---
     fuser: str = _field("gw", _choice("gw", "lw", "moe"))
     layer_idxs: dict = _field({"up_blocks": {"attn1": "all", "conv2": "all"}}, _layer_idxs)
     projection_dim: int = _field(384, _int(1))
-    save_timesteps: list = _field([47, 45, 40], _list_of(_int(0), "integers >= 0", nonempty=True))
+    save_timesteps: list = _field([47, 45, 40], _unique_labels)
     num_timesteps: int = _field(50, _int(1))
     diffusion_mode: str = _field("inversion", _choice("inversion", "generation"))
     num_experts: int = _field(8, _int(1))
     top_k: int = _field(2, _int(1))
+    moe_warmup_steps: int | None = _field(None, _optional(_int(0)), ours=True)
+    moe_balance_weight: float = _field(0.0, _number, ours=True)
     latent: str = _field("sample", _choice("sample", "mean"), ours=True)
     autocast: str = _field("fp16", _choice("fp16", "bf16", "none"), ours=True)
     extract_batch_size: int = _field(32, _int(1), ours=True)
@@ -158,43 +179,43 @@ class Config:
     wandb_project: str = _field("satdifuser", _str)
     seed: int = _field(42, _int(0))
     exp_folder: str = _field("experiments", _str)
-    device: str = _field("cuda", _str)
+    device: str = _field("cuda", _device)
     limited_label: float | None = _field(None, _optional(_number))
     resume_from: str | None = _field(None, _optional(_str))
     cache_dir: str = _field("cache", _str, ours=True)
+    preload_max_gb: float = _field(4.0, _number, ours=True)
     shard_size: int = _field(64, _int(1), ours=True)
     codec: str = _field("blosc-lz4", _choice("blosc-lz4", "blosc-zstd", "zstd", "none"), ours=True)
     # Where this config was read from; set by load_config.
     source: str = field(default="<defaults>", metadata={"internal": True})
-
-    def __post_init__(self):
-        _check_consistency(self)
 
     def cache_path(self, split: str) -> str:
         """``<cache_dir>/<dataset_name>/<split>.zarr``, or a URL when cache_dir is one."""
         return f"{self.cache_dir.rstrip('/')}/{self.dataset_name}/{split}.zarr"
 
 
-def _check_consistency(cfg: Config) -> None:
-    where = cfg.source
+def _check_consistency(cfg: Config, origin: dict) -> None:
+    """Rules across keys; each error names the file that set the key at fault."""
+
+    def fail(key: str, text: str):
+        raise ConfigError(f"{origin.get(key, cfg.source)}: {text}")
+
     if not cfg.dataset_name:
-        raise ConfigError(f"{where}: dataset_name is empty; set it in the task file (e.g. tasks/meurosat.yaml)")
+        fail("dataset_name", "dataset_name is empty; set it in the task file (e.g. tasks/meurosat.yaml)")
     if cfg.use_metadata and cfg.num_metadata < 1:
-        raise ConfigError(f"{where}: use_metadata is true but num_metadata is {cfg.num_metadata}; set num_metadata: 7")
+        fail("num_metadata", f"use_metadata is true but num_metadata is {cfg.num_metadata}; set num_metadata: 7")
     if cfg.metadata is not None and len(cfg.metadata) != cfg.num_metadata:
-        raise ConfigError(
-            f"{where}: metadata has {len(cfg.metadata)} values but num_metadata is {cfg.num_metadata}"
-        )
-    bad = [s for s in cfg.save_timesteps if s >= cfg.num_timesteps]
-    if bad:
-        raise ConfigError(
-            f"{where}: save_timesteps {cfg.save_timesteps} has labels >= num_timesteps {cfg.num_timesteps}; "
-            f"labels run from 0 to {cfg.num_timesteps - 1}"
-        )
+        fail("metadata", f"metadata has {len(cfg.metadata)} values but num_metadata is {cfg.num_metadata}")
+    if any(s >= cfg.num_timesteps for s in cfg.save_timesteps):
+        fail("save_timesteps", f"save_timesteps {cfg.save_timesteps} has labels >= num_timesteps "
+             f"{cfg.num_timesteps}; labels run from 0 to {cfg.num_timesteps - 1}")
     if cfg.img_size % 8:
-        raise ConfigError(f"{where}: img_size {cfg.img_size} is not a multiple of 8 (the VAE downsamples by 8)")
+        fail("img_size", f"img_size {cfg.img_size} is not a multiple of 8 (the VAE downsamples by 8)")
     if cfg.top_k > cfg.num_experts:
-        raise ConfigError(f"{where}: top_k {cfg.top_k} is larger than num_experts {cfg.num_experts}")
+        fail("top_k", f"top_k {cfg.top_k} is larger than num_experts {cfg.num_experts}")
+    if cfg.projection_dim % 128:
+        fail("projection_dim", f"projection_dim {cfg.projection_dim} is not a multiple of 128 (its quarter "
+             "feeds GroupNorm(32))")
 
 
 CONFIG_KEYS = {f.name: f for f in fields(Config) if not f.metadata.get("internal")}
@@ -260,7 +281,9 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
     values = deep_merge(values, overrides or {})
     origin.update({key: "--set override" for key in overrides or {}})
     _validate(values, origin)
-    return Config(**values, source=str(path))
+    cfg = Config(**values, source=str(path))
+    _check_consistency(cfg, origin)
+    return cfg
 
 
 def default_value(name: str):

@@ -1,8 +1,10 @@
-"""Extract one split of a task into its feature cache, resuming where an earlier run stopped."""
+"""Extract the splits of a task into their feature caches, resuming where an earlier run stopped."""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -12,19 +14,23 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import __version__
-from .backbone.extractor import BatchFeatures, ExtractionSettings, FeatureExtractor
+from .backbone.extractor import EXTRACTION_VERSION, BatchFeatures, ExtractionSettings, FeatureExtractor, precision
 from .backbone.loader import BackboneSpec, fingerprint, load_diffusionsat, read_scheduler_config
 from .backbone.schedule import Schedule, label_key
 from .cache.layout import ATTRS_KEY, CachePlan, feature_path, pooled_path, trajectory_path
-from .cache.store import CacheMismatch
+from .cache.store import CacheError, CacheMismatch, is_url
 from .cache.writer import CacheWriter
 from .config import Config, ConfigError
 from .data.geobench_task import GeoBenchSplit, TaskSource, collate
 
 log = logging.getLogger(__name__)
 
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
 
 def resolve_device(name: str) -> torch.device:
+    if not DEVICE.match(str(name)):
+        raise ConfigError(f"device {name!r} is not auto, cpu, cuda, cuda:N or mps")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -49,13 +55,10 @@ def extraction_settings(cfg: Config) -> ExtractionSettings:
     )
 
 
-def precision(cfg: Config, device: torch.device) -> str:
-    return f"{cfg.autocast}-autocast" if device.type == "cuda" and cfg.autocast != "none" else "fp32"
-
-
 def extraction_request(cfg: Config, schedule: Schedule, device: torch.device) -> dict:
     """The extraction half of a cache's provenance: what decides the numbers it holds."""
     return {
+        "version": EXTRACTION_VERSION,
         "mode": cfg.diffusion_mode,
         "num_timesteps": cfg.num_timesteps,
         "save_timesteps": list(cfg.save_timesteps),
@@ -66,7 +69,7 @@ def extraction_request(cfg: Config, schedule: Schedule, device: torch.device) ->
         "latent": cfg.latent,
         "seed": cfg.seed,
         "metadata": list(cfg.metadata) if cfg.use_metadata and cfg.metadata else None,
-        "precision": precision(cfg, device),
+        "precision": precision(device, cfg.autocast),
         "feature_dtype": "float16",
         "codec": cfg.codec,
         "shard_size": cfg.shard_size,
@@ -85,6 +88,105 @@ class ExtractResult:
     @property
     def images_per_second(self) -> float:
         return self.extracted / self.seconds if self.seconds else 0.0
+
+
+class Extraction:
+    """One config on one device: the backbone is hashed once and loaded once, when first needed."""
+
+    def __init__(self, cfg: Config, device: str | None = None, storage_options: dict | None = None):
+        self.cfg = cfg
+        self.device = resolve_device(device or cfg.device)
+        self.spec = backbone_spec(cfg)
+        self.schedule = Schedule.build(
+            read_scheduler_config(self.spec), cfg.num_timesteps, cfg.save_timesteps, cfg.diffusion_mode
+        )
+        self.source = TaskSource.from_config(cfg)
+        self.storage_options = storage_options
+        self._fingerprint = None
+        self._extractor = None
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            model = load_diffusionsat(self.spec, self.device)
+            self._extractor = FeatureExtractor(model, extraction_settings(self.cfg))
+        return self._extractor
+
+    def request(self, dataset: GeoBenchSplit) -> dict:
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.spec)
+        extraction = extraction_request(self.cfg, self.schedule, self.device)
+        return {"backbone": self._fingerprint, "extraction": extraction, "dataset": dataset.provenance()}
+
+    def run(self, split: str, path: str | None = None, overwrite: bool = False,
+            replace_mismatched: bool = False, progress: bool = True) -> ExtractResult:
+        """Fill ``path`` (default ``cfg.cache_path(split)``) with the features of one split.
+
+        A cache built for the same request is resumed; one built for another request is refused
+        (CacheMismatch naming the differing keys) unless ``overwrite``, or ``replace_mismatched``
+        and the difference is not only the device: a partial cache made on a GPU is never
+        thrown away because the resuming machine has none.
+        """
+        cfg = self.cfg
+        path = path or cfg.cache_path(split)
+        _check_writable(path)
+        dataset = GeoBenchSplit(self.source, split)
+        if len(dataset) == 0:
+            raise ConfigError(f"{cfg.source}: split {split!r} of {cfg.dataset_name} has no samples")
+        request = self.request(dataset)
+        writer = None
+        if not overwrite:
+            try:
+                writer = CacheWriter.reopen(path, request, self.storage_options)
+            except CacheMismatch as err:
+                if not replace_mismatched or all(d.startswith("extraction.precision") for d in err.diffs):
+                    raise CacheMismatch(path, err.diffs, "pass --overwrite to rebuild it, or run on the device "
+                                        "it was built with (--device, or params.yaml extract.device)") from None
+                log.warning("replacing %s, built with other settings: %s", path, "; ".join(err.diffs))
+        if writer is not None and not writer.pending_shards():
+            log.info("cache %s is complete; nothing to extract", path)
+            return ExtractResult(path, len(dataset), 0, 0.0, 0, 0)
+        if writer is None:
+            info = {"code_version": __version__, "unet_passes_per_image": self.schedule.unet_passes}
+            writer = CacheWriter.create(path, request, self._plan(dataset), info, self.storage_options)
+        return _run(cfg, dataset, self.extractor, writer, progress)
+
+    def _plan(self, dataset: GeoBenchSplit) -> CachePlan:
+        cfg = self.cfg
+        first = dataset[0]
+        size = cfg.img_size
+        if tuple(first["image"].shape) != (3, size, size):
+            raise ConfigError(
+                f"{cfg.dataset_name}: images become {tuple(first['image'].shape[1:])} at img_size {size}; "
+                "extraction needs square images"
+            )
+        latent = size // 8
+        return CachePlan(
+            num_samples=len(dataset), shard_size=cfg.shard_size,
+            timesteps=tuple(label_key(s) for s in cfg.save_timesteps),
+            layer_shapes=self.extractor.layer_shapes(latent), latent_shape=(4, latent, latent),
+            label_shape=tuple(first["label"].shape), label_dtype=str(first["label"].dtype), codec=cfg.codec,
+        )
+
+
+def extract_split(cfg: Config, split: str, device: str | None = None, overwrite: bool = False,
+                  path: str | None = None, storage_options: dict | None = None,
+                  progress: bool = True, replace_mismatched: bool = False) -> ExtractResult:
+    """One split; see ``Extraction.run``."""
+    return Extraction(cfg, device, storage_options).run(split, path, overwrite, replace_mismatched, progress)
+
+
+def _check_writable(path: str) -> None:
+    """Fail before the backbone is loaded when a local cache folder cannot be written."""
+    if is_url(path):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as err:
+        raise CacheError(f"cannot create the cache folder {parent}: {err.strerror}; set cache_dir elsewhere") from None
+    if not os.access(parent, os.W_OK):
+        raise CacheError(f"the cache folder {parent} is not writable; set cache_dir elsewhere")
 
 
 def _shard_arrays(parts: list[BatchFeatures], labels: list[np.ndarray], names: list[str]) -> dict:
@@ -107,54 +209,15 @@ def _batches(plan: CachePlan, shards: list[int], batch_size: int) -> list[list[i
     return out
 
 
-def _plan(cfg: Config, dataset: GeoBenchSplit, extractor: FeatureExtractor) -> CachePlan:
-    first = dataset[0]
-    latent = cfg.img_size // 8
-    return CachePlan(
-        num_samples=len(dataset), shard_size=cfg.shard_size,
-        timesteps=tuple(label_key(s) for s in cfg.save_timesteps),
-        layer_shapes=extractor.layer_shapes(latent), latent_shape=(4, latent, latent),
-        label_shape=tuple(first["label"].shape), label_dtype=str(first["label"].dtype), codec=cfg.codec,
-    )
-
-
-def extract_split(cfg: Config, split: str, device: str | None = None, overwrite: bool = False,
-                  path: str | None = None, storage_options: dict | None = None,
-                  progress: bool = True, replace_mismatched: bool = False) -> ExtractResult:
-    """Fill ``path`` (default ``cfg.cache_path(split)``) with the features of one split.
-
-    An existing cache built for the same request is resumed; one built for another request is
-    refused (CacheError naming the differing keys) unless ``overwrite`` or ``replace_mismatched``.
-    """
-    path = path or cfg.cache_path(split)
-    dev = resolve_device(device or cfg.device)
-    dataset = GeoBenchSplit(TaskSource.from_config(cfg), split)
-    if len(dataset) == 0:
-        raise ConfigError(f"{cfg.source}: split {split!r} of {cfg.dataset_name} has no samples")
-    spec = backbone_spec(cfg)
-    settings = extraction_settings(cfg)
-    schedule = Schedule.build(read_scheduler_config(spec), cfg.num_timesteps, cfg.save_timesteps, cfg.diffusion_mode)
-    request = {"backbone": fingerprint(spec), "extraction": extraction_request(cfg, schedule, dev),
-               "dataset": dataset.provenance()}
-
-    writer = None
-    if not overwrite:
-        try:
-            writer = CacheWriter.reopen(path, request, storage_options)
-        except CacheMismatch as err:
-            if not replace_mismatched:
-                raise
-            log.warning("replacing %s, built with other settings: %s", path, "; ".join(err.diffs))
-    if writer is not None and not writer.pending_shards():
-        log.info("cache %s is complete; nothing to extract", path)
-        return ExtractResult(path, len(dataset), 0, 0.0, 0, 0)
-
-    extractor = FeatureExtractor(load_diffusionsat(spec, dev), settings)
-    if writer is None:
-        info = {"code_version": __version__, "timestep_table": schedule.table(),
-                "unet_passes_per_image": schedule.unet_passes}
-        writer = CacheWriter.create(path, request, _plan(cfg, dataset, extractor), info, storage_options)
-    return _run(cfg, dataset, extractor, writer, progress)
+def _write_and_count(writer: CacheWriter, shard: int, arrays: dict, passes_per_image: int) -> None:
+    """Write a shard, then add its work to the cache's ledger (so a killed run still counts)."""
+    writer.write_shard(shard, arrays)
+    n = len(arrays["latents"])
+    ledger = dict(writer.root.attrs[ATTRS_KEY].get("ledger", {}))
+    ledger["unet_passes"] = ledger.get("unet_passes", 0) + n * passes_per_image
+    ledger["vae_passes"] = ledger.get("vae_passes", 0) + n
+    ledger["images_extracted"] = ledger.get("images_extracted", 0) + n
+    writer.update_info(ledger=ledger)
 
 
 def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter, progress: bool) -> ExtractResult:
@@ -165,14 +228,15 @@ def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter,
     batches = _batches(plan, shards, cfg.extract_batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=collate)
     todo = sum(len(b) for b in batches)
-    bar = tqdm(total=todo, desc=f"extract {writer.path}", unit="img", disable=not progress)
+    passes = extractor.schedule.unet_passes
     parts, labels, names = [], [], []
     shard_iter = iter(shards)
     shard = next(shard_iter)
     started = time.perf_counter()
     # One shard is written in the background while the next is computed; waiting for it before
     # handing over the next keeps memory at two shards.
-    with ThreadPoolExecutor(max_workers=1) as background:
+    with tqdm(total=todo, desc=f"extract {writer.path}", unit="img", disable=not progress) as bar, \
+            ThreadPoolExecutor(max_workers=1) as background:
         pending = None
         for batch in loader:
             parts.append(extractor(batch["image"], batch["name"]))
@@ -183,19 +247,13 @@ def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter,
             if len(names) == stop - start:
                 if pending is not None:
                     pending.result()
-                pending = background.submit(writer.write_shard, shard, _shard_arrays(parts, labels, names))
+                pending = background.submit(_write_and_count, writer, shard, _shard_arrays(parts, labels, names), passes)
                 parts, labels, names = [], [], []
                 shard = next(shard_iter, None)
         if pending is not None:
             pending.result()
-    bar.close()
     seconds = time.perf_counter() - started
-    passes = todo * extractor.schedule.unet_passes
-    ledger = writer.root.attrs[ATTRS_KEY].get("ledger", {})
-    writer.update_info(ledger={
-        "unet_passes": ledger.get("unet_passes", 0) + passes,
-        "vae_passes": ledger.get("vae_passes", 0) + todo,
-        "images_extracted": ledger.get("images_extracted", 0) + todo,
-        "extract_seconds": round(ledger.get("extract_seconds", 0.0) + seconds, 3),
-    })
-    return ExtractResult(writer.path, plan.num_samples, todo, seconds, passes, todo)
+    ledger = dict(writer.root.attrs[ATTRS_KEY]["ledger"])
+    ledger["extract_seconds"] = round(ledger.get("extract_seconds", 0) + seconds, 3)
+    writer.update_info(ledger=ledger)
+    return ExtractResult(writer.path, plan.num_samples, todo, seconds, todo * passes, todo)

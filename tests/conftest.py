@@ -45,3 +45,28 @@ def make_config(demo_root, tiny_backbone, tmp_path):
         return load_config(f"configs/{exp}_exp.yaml", values)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def multilabel_root(tmp_path_factory):
+    """A multi-label GEO-Bench task (5 classes, 16 x 16 px, 6 train / 2 valid / 2 test samples)
+    written with geobench's own writer; returns the root and each sample's label vector."""
+    import geobench as gb
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("geobench-ml")
+    task_dir = root / "classification_v1.0" / "toy-multilabel"
+    task_dir.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    partition, labels = gb.Partition(), {}
+    for i, split in enumerate(["train"] * 6 + ["valid"] * 2 + ["test"] * 2):
+        name = f"s{i}"
+        bands = [gb.Band(rng.integers(0, 4000, (16, 16)).astype(np.int16), info, 10) for info in gb.sentinel2_13_bands[1:4]]
+        labels[name] = rng.integers(0, 2, 5).astype(np.uint8)
+        gb.Sample(bands, labels[name], name).write(str(task_dir))
+        partition.add(split, name)
+    gb.TaskSpecifications(dataset_name="toy-multilabel", benchmark_name="classification_v1.0", patch_size=(16, 16),
+                          spatial_resolution=10, bands_info=gb.sentinel2_13_bands[1:4],
+                          label_type=gb.MultiLabelClassification(5)).save(str(task_dir))
+    partition.save(str(task_dir), "default")
+    return root, labels

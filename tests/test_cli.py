@@ -48,19 +48,27 @@ def test_extract_info_verify(exp_file, tmp_path):
     assert bad.exit_code == 1 and "chunks missing" in bad.output
 
 
-def test_user_errors_are_one_line_with_exit_status_2(exp_file, tmp_path):
+def test_user_errors_are_one_line_with_exit_status_2(exp_file, tmp_path, tiny_backbone):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_backbone.root, broken)
+    (broken / "resolution64" / "vae" / "config.json").unlink()
     cases = [
         (["--set", "fusr=gw"], "unknown key 'fusr'"),
         (["--set", "pretrained_model_name_or_path=" + str(tmp_path / "nowhere")], "does not exist"),
         (["--set", "save_timesteps=[47,60]"], "save_timesteps [47, 60] has labels >= num_timesteps 50"),
         (["--set", "geobench_dir=" + str(tmp_path / "nodata")], "GEO-Bench task not found"),
         (["--set", "noequals"], "is not key=value"),
+        (["--device", "gpu"], "device 'gpu' is not auto, cpu, cuda, cuda:N or mps"),
+        (["--set", f"pretrained_model_name_or_path={broken}"], "vae/config.json is missing"),
+        (["--cache-dir", "/proc/no/such"], "cannot create the cache folder"),
     ]
     for extra, message in cases:
         result = runner.invoke(app, ["extract", str(exp_file), "--split", "val", "--device", "cpu", *extra])
-        assert result.exit_code == 2, (extra, result.output)
-        assert message in result.output
-        assert "Traceback" not in result.output
+        assert result.exit_code == 2, (extra, result.output, result.exception)
+        assert isinstance(result.exception, SystemExit)  # handled, not a crash
+        assert message in result.output and result.output.count("\n") == 1
 
 
 def test_mismatched_cache_is_refused_then_overwritten(exp_file):

@@ -49,7 +49,11 @@ def test_later_files_and_overrides_win_and_dicts_merge_deeply(tmp_path):
     [
         ({"fusr": "gw"}, "unknown key 'fusr' (value 'gw'); did you mean 'fuser'?"),
         ({"fuser": "mlp"}, "fuser is 'mlp'; expected one of gw, lw, moe"),
-        ({"save_timesteps": [47, "x"]}, "save_timesteps is [47, 'x']; expected a non-empty list of integers >= 0"),
+        ({"save_timesteps": [47, "x"]}, "save_timesteps is [47, 'x']; expected a non-empty list of distinct integers >= 0"),
+        ({"save_timesteps": [47, 47]}, "expected a non-empty list of distinct integers"),
+        ({"device": "gpu"}, "device is 'gpu'; expected auto, cpu, cuda, cuda:N or mps"),
+        ({"metadata": [1, 2000]}, "expected a list of numbers in [0, 1000]"),
+        ({"projection_dim": 100}, "projection_dim 100 is not a multiple of 128"),
         ({"save_timesteps": [50]}, "save_timesteps [50] has labels >= num_timesteps 50"),
         ({"latent": "mode"}, "latent is 'mode'; expected one of sample, mean"),
         ({"layer_idxs": {"up_blocks": {"attn1": "some"}}}, "expected a mapping like {up_blocks:"),
@@ -68,6 +72,13 @@ def test_bad_values_are_refused_with_key_value_and_allowed(overrides, message):
 def test_error_names_the_file_that_set_the_key(tmp_path):
     (tmp_path / "exp.yaml").write_text("dataset_name: x\nnum_timesteps: -3\n")
     with pytest.raises(ConfigError, match=r"exp.yaml: num_timesteps is -3; expected an integer >= 1"):
+        load_config(tmp_path / "exp.yaml")
+
+
+def test_cross_key_errors_name_the_file_that_set_the_key(tmp_path):
+    (tmp_path / "task.yaml").write_text("dataset_name: x\nimg_size: 100\n")
+    (tmp_path / "exp.yaml").write_text("base: [task.yaml]\nlr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"task.yaml: img_size 100 is not a multiple of 8"):
         load_config(tmp_path / "exp.yaml")
 
 

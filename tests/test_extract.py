@@ -3,7 +3,7 @@ import pytest
 import torch
 import zarr
 
-from pipeline.backbone.extractor import FeatureExtractor
+from pipeline.backbone.extractor import FeatureExtractor, seeded_normal
 from pipeline.backbone.loader import load_diffusionsat
 from pipeline.cache.audit import verify_cache
 from pipeline.cache.reader import open_cache
@@ -112,9 +112,73 @@ def test_segmentation_labels_are_maps_at_original_size(make_config):
     np.testing.assert_array_equal(labels[3].numpy(), dataset[3]["label"])
 
 
-def test_generation_mode_runs_one_pass_per_label(make_config):
+def test_generation_mode_noises_the_latent_to_each_label(make_config):
     cfg = make_config(diffusion_mode="generation", save_timesteps=[47, 40])
     result = extract_split(cfg, "val", progress=False)
     assert result.unet_passes == 2 * 8
     cache = open_cache(result.path)
-    assert cache.attrs["timestep_table"] == {"t47": 41, "t40": 181}
+    assert cache.request["extraction"]["unet_timesteps"] == {"t47": 41, "t40": 181}
+    latents, traj = cache.latents(range(8)), cache.trajectory(range(8))
+    noise = seeded_normal(latents.shape[1:], cache.sample_names, cfg.seed, "noise")
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
+    for key, t in (("t47", 41), ("t40", 181)):
+        ab = torch.cumprod(1 - betas, 0)[t]
+        torch.testing.assert_close(traj[key], ab.sqrt() * latents + (1 - ab).sqrt() * noise)
+
+
+def test_a_split_smaller_than_a_shard(make_config):
+    result = extract_split(make_config(shard_size=50), "test", progress=False)
+    cache = open_cache(result.path)
+    assert cache.plan.num_shards == 1 and len(cache) == 8 and verify_cache(cache) == []
+
+
+def test_multi_label_labels_reach_the_cache(make_config, multilabel_root):
+    root, labels = multilabel_root
+    cfg = make_config(geobench_dir=str(root), dataset_name="toy-multilabel", task="multi_label_classification",
+                      num_classes=5, geobench_task="classification_v1.0/toy-multilabel", class_list=None)
+    cache = open_cache(extract_split(cfg, "train", progress=False).path)
+    got = cache.labels(range(len(cache))).numpy()
+    assert got.dtype == np.uint8 and got.shape == (6, 5)
+    np.testing.assert_array_equal(got, np.stack([labels[n] for n in cache.sample_names]))
+
+
+def test_a_cache_is_not_replaced_only_because_the_device_differs(make_config):
+    cfg = make_config()
+    path = extract_split(cfg, "val", progress=False).path
+    root = zarr.open_group(path, mode="r+")
+    attrs = root.attrs["satdifuser"]
+    attrs["request"]["extraction"]["precision"] = "cuda-fp16-autocast"  # as if built on a GPU
+    root.attrs["satdifuser"] = attrs
+    with pytest.raises(CacheError, match="--device"):
+        extract_split(cfg, "val", replace_mismatched=True, progress=False)
+    assert open_cache(path).request["extraction"]["precision"] == "cuda-fp16-autocast"
+
+
+def test_changed_data_changes_the_request(demo_root, make_config, tmp_path):
+    import shutil
+
+    root = tmp_path / "gb"
+    shutil.copytree(demo_root, root)
+    cfg = make_config(geobench_dir=str(root))
+    split = GeoBenchSplit(TaskSource.from_config(cfg), "val")
+    before = split.provenance()["content_sha256"]
+    with open(root / "classification_v1.0" / "demo-landcover" / f"{split.names[0]}.hdf5", "ab") as f:
+        f.write(b"\0")
+    assert GeoBenchSplit(TaskSource.from_config(cfg), "val").provenance()["content_sha256"] != before
+
+
+def test_the_dvc_stage_extracts_with_params_yaml(make_config, tmp_path, monkeypatch, demo_root, tiny_backbone):
+    import shutil
+
+    import yaml
+
+    from stages import extract as stage
+
+    shutil.copytree("configs", tmp_path / "configs")
+    overrides = {"geobench_dir": str(demo_root), "pretrained_model_name_or_path": str(tiny_backbone.root),
+                 "img_size": 64, "shard_size": 4, "num_workers": 0}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"extract": {"device": "cpu", "overrides": overrides}}))
+    monkeypatch.chdir(tmp_path)
+    stage.main(["--config", "configs/demo_cls_exp.yaml", "--split", "test"])
+    cache = open_cache("cache/demo-landcover/test.zarr")
+    assert cache.complete and len(cache) == 8

@@ -9,13 +9,13 @@ the same seed write byte-identical weight files.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from .loader import BackboneSpec
 
 # Stable Diffusion 2.1's UNet, as DiffusionSat fine-tuned it (sample_size 32 = 256 px / 8).
@@ -205,16 +205,16 @@ def build_demo_backbone(
 ) -> Path:
     """Write a tiny DiffusionSat under ``root`` and return its resolution folder."""
     if weights not in ("safetensors", "bin"):
-        raise ValueError(f"weights must be 'safetensors' or 'bin', not {weights!r}")
+        raise UserError(f"weights must be 'safetensors' or 'bin', not {weights!r}")
     if img_size % 8:
-        raise ValueError(f"img_size must be a multiple of 8, not {img_size}")
+        raise UserError(f"img_size must be a multiple of 8, not {img_size}")
     spec = BackboneSpec(Path(root), img_size, resolution_subfolder, unet_subfolder)
     path = spec.path
     if path.exists() and any(path.iterdir()):
         if not overwrite:
-            raise ValueError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+            raise UserError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
         if path == Path(root):
-            raise ValueError(f"refusing to delete the root folder {path}; use a resolution subfolder")
+            raise UserError(f"refusing to delete the root folder {path}; use a resolution subfolder")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
 
@@ -227,22 +227,3 @@ def build_demo_backbone(
     _write_vae(path / "vae", img_size, seed + 1)
     _write_unet(path / unet_subfolder, unet_config, weights, seed + 2)
     return path
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Write a tiny random DiffusionSat checkpoint.")
-    parser.add_argument("root", type=Path)
-    parser.add_argument("--img-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--weights", choices=("safetensors", "bin"), default="safetensors")
-    parser.add_argument("--no-metadata", action="store_true")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    path = build_demo_backbone(
-        args.root, args.img_size, args.seed, args.weights, not args.no_metadata, overwrite=args.overwrite
-    )
-    print(path)
-
-
-if __name__ == "__main__":
-    main()

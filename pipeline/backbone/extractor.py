@@ -20,10 +20,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import UserError
 from .layers import Layer, as_map, capture, select_layers
 from .loader import DiffusionSat
 from .schedule import Schedule, label_key
 
+# Bumped whenever a change to this module changes the numbers it produces, so that caches made
+# by the earlier code are not taken for current ones.
+EXTRACTION_VERSION = 1
 LATENT_SCALE = 0.18215
 DEFAULT_LAYER_IDXS = {"up_blocks": {"attn1": "all", "conv2": "all"}}
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
@@ -52,6 +56,14 @@ class BatchFeatures:
     trajectory: dict[str, torch.Tensor]  # label key -> UNet input x_t (B, 4, h, w) float32
 
 
+def precision(device: torch.device | str, autocast: str) -> str:
+    """How the UNet computes on ``device``: autocast applies on CUDA only."""
+    device_type = torch.device(device).type
+    if device_type == "cuda" and AUTOCAST_DTYPES[autocast] is not None:
+        return f"cuda-{autocast}-autocast"
+    return f"{device_type}-fp32"
+
+
 def sample_seed(seed: int, name: str, stream: str) -> int:
     """A 63-bit seed from the run seed and a sample's name: same draw in any batch, any order."""
     digest = hashlib.sha256(f"{seed}/{stream}/{name}".encode()).digest()
@@ -78,9 +90,9 @@ class FeatureExtractor:
 
     def __init__(self, model: DiffusionSat, settings: ExtractionSettings):
         if settings.latent not in ("sample", "mean"):
-            raise ValueError(f"latent {settings.latent!r} is not 'sample' or 'mean'")
+            raise UserError(f"latent {settings.latent!r} is not 'sample' or 'mean'")
         if settings.autocast not in AUTOCAST_DTYPES:
-            raise ValueError(f"autocast {settings.autocast!r} is not one of {list(AUTOCAST_DTYPES)}")
+            raise UserError(f"autocast {settings.autocast!r} is not one of {list(AUTOCAST_DTYPES)}")
         self.model = model
         self.settings = settings
         self.device = model.device
@@ -97,10 +109,9 @@ class FeatureExtractor:
         return [layer.name for layer in self.layers]
 
     def _autocast(self):
-        dtype = AUTOCAST_DTYPES[self.settings.autocast]
-        if self.device.type != "cuda" or dtype is None:
+        if not precision(self.device, self.settings.autocast).endswith("-autocast"):
             return nullcontext()
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cuda", dtype=AUTOCAST_DTYPES[self.settings.autocast])
 
     def _metadata_vector(self) -> torch.Tensor | None:
         unet = self.model.unet
@@ -109,7 +120,7 @@ class FeatureExtractor:
         num = unet.config.num_metadata
         values = self.settings.metadata or (0.0,) * num
         if len(values) != num:
-            raise ValueError(f"metadata has {len(values)} values; the UNet expects num_metadata={num}")
+            raise UserError(f"metadata has {len(values)} values; the UNet expects num_metadata={num}")
         return torch.tensor(values, dtype=torch.float32, device=self.device)[None]
 
     @torch.no_grad()

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import UserError
+
 
 @dataclass(frozen=True)
 class Layer:
@@ -43,12 +45,12 @@ def _wanted(selection, i: int, j: int) -> bool:
 
 
 def select_layers(unet: nn.Module, layer_idxs: dict) -> list[Layer]:
-    """Resolve a ``layer_idxs`` spec against ``unet``; raise ValueError for names it lacks."""
+    """Resolve a ``layer_idxs`` spec against ``unet``; raise UserError for names it lacks."""
     layers = []
     for block_name, by_suffix in layer_idxs.items():
         blocks = getattr(unet, block_name, None)
         if blocks is None:
-            raise ValueError(f"layer_idxs names block {block_name!r}, which the UNet does not have")
+            raise UserError(f"layer_idxs names block {block_name!r}, which the UNet does not have")
         if not isinstance(blocks, nn.ModuleList):
             blocks = [blocks]
         for i, block in enumerate(blocks):
@@ -57,7 +59,7 @@ def select_layers(unet: nn.Module, layer_idxs: dict) -> list[Layer]:
                     if _wanted(selection, i, j):
                         layers.append(Layer(f"{block_name}_{i}_{suffix}_{j}", module))
     if not layers:
-        raise ValueError(f"layer_idxs {layer_idxs} selects no layer of the UNet")
+        raise UserError(f"layer_idxs {layer_idxs} selects no layer of the UNet")
     return layers
 
 

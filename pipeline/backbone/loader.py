@@ -18,18 +18,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-REQUIRED = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "vae")
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError):
     """A checkpoint folder that does not hold what the loader needs."""
 
 
@@ -60,7 +61,6 @@ class DiffusionSat:
     tokenizer: object
     scheduler_config: dict
     spec: BackboneSpec
-    fingerprint: dict = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> "DiffusionSat":
         for module in (self.unet, self.vae, self.text_encoder):
@@ -79,6 +79,22 @@ def _layout_text(spec: BackboneSpec) -> str:
     )
 
 
+def _required(spec: BackboneSpec) -> list[tuple[str, ...]]:
+    """Files the loader reads, each as alternatives (any one will do)."""
+    unet = spec.unet_subfolder
+    return [
+        ("model_index.json",),
+        ("scheduler/scheduler_config.json",),
+        ("text_encoder/config.json",),
+        ("text_encoder/model.safetensors", "text_encoder/pytorch_model.bin"),
+        ("tokenizer/vocab.json", "tokenizer/tokenizer.json"),
+        ("vae/config.json",),
+        ("vae/" + UNET_WEIGHTS[0], "vae/" + UNET_WEIGHTS[1]),
+        (f"{unet}/config.json",),
+        (f"{unet}/{UNET_WEIGHTS[0]}", f"{unet}/{UNET_WEIGHTS[1]}"),
+    ]
+
+
 def check_layout(spec: BackboneSpec) -> Path:
     """Return the UNet weight file, or raise a BackboneError naming the first missing path."""
     path = spec.path
@@ -88,16 +104,12 @@ def check_layout(spec: BackboneSpec) -> Path:
     )
     if not path.is_dir():
         raise BackboneError(f"DiffusionSat checkpoint folder {path} does not exist: {_layout_text(spec)}{hint}")
-    for name in REQUIRED:
-        if not (path / name).exists():
-            raise BackboneError(f"{path / name} is missing: {_layout_text(spec)}{hint}")
+    for alternatives in _required(spec):
+        if not any((path / name).is_file() for name in alternatives):
+            missing = " or ".join(str(path / name) for name in alternatives)
+            raise BackboneError(f"{missing} is missing: {_layout_text(spec)}{hint}")
     unet_dir = path / spec.unet_subfolder
-    if not (unet_dir / "config.json").is_file():
-        raise BackboneError(f"{unet_dir / 'config.json'} is missing: {_layout_text(spec)}{hint}")
-    for name in UNET_WEIGHTS:
-        if (unet_dir / name).is_file():
-            return unet_dir / name
-    raise BackboneError(f"no UNet weights in {unet_dir}: {_layout_text(spec)}{hint}")
+    return next(unet_dir / name for name in UNET_WEIGHTS if (unet_dir / name).is_file())
 
 
 def _sha256(path: Path) -> str:
@@ -174,10 +186,7 @@ def _load_unet(spec: BackboneSpec, weight_file: Path):
 def read_scheduler_config(spec: BackboneSpec) -> dict:
     """The stored scheduler config (any scheduler class: only its betas and spacing are used)."""
     check_layout(spec)
-    scheduler_file = spec.path / "scheduler" / "scheduler_config.json"
-    if not scheduler_file.is_file():
-        raise BackboneError(f"{scheduler_file} is missing: {_layout_text(spec)}")
-    return json.loads(scheduler_file.read_text())
+    return json.loads((spec.path / "scheduler" / "scheduler_config.json").read_text())
 
 
 def load_diffusionsat(spec: BackboneSpec, device: str | torch.device = "cpu") -> DiffusionSat:
@@ -195,5 +204,5 @@ def load_diffusionsat(spec: BackboneSpec, device: str | torch.device = "cpu") ->
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
         module.eval()
-    model = DiffusionSat(unet, vae, text_encoder, tokenizer, scheduler_config, spec, fingerprint(spec))
+    model = DiffusionSat(unet, vae, text_encoder, tokenizer, scheduler_config, spec)
     return model.to(device)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UserError
+
 MODES = ("inversion", "generation")
 
 
@@ -48,11 +50,11 @@ class Schedule:
     @classmethod
     def build(cls, scheduler_config: dict, num_timesteps: int, save_timesteps, mode: str = "inversion"):
         if mode not in MODES:
-            raise ValueError(f"diffusion_mode {mode!r} is not one of {MODES}")
+            raise UserError(f"diffusion_mode {mode!r} is not one of {MODES}")
         labels = tuple(int(s) for s in save_timesteps)
         bad = [s for s in labels if not 0 <= s < num_timesteps]
         if not labels or bad:
-            raise ValueError(
+            raise UserError(
                 f"save_timesteps {list(labels)} must be non-empty labels in [0, {num_timesteps - 1}] "
                 f"for num_timesteps {num_timesteps}"
             )

@@ -30,7 +30,7 @@ def cache_info(cache: FeatureCache) -> dict:
         "path": cache.path,
         "num_samples": n,
         "done": int(cache.done.sum()),
-        "timesteps": {t: attrs.get("timestep_table", {}).get(t) for t in plan.timesteps},
+        "timesteps": {t: attrs["request"]["extraction"].get("unet_timesteps", {}).get(t) for t in plan.timesteps},
         "layers": {k: list(v) for k, v in plan.layer_shapes.items()},
         "shard_size": plan.shard_size,
         "codec": plan.codec,
@@ -58,7 +58,7 @@ def _other_arrays(cache: FeatureCache) -> list[str]:
     return names
 
 
-def verify_cache(cache: FeatureCache, atol: float = 2e-2) -> list[str]:
+def verify_cache(cache: FeatureCache, rtol: float = 2e-3, atol: float = 1e-3) -> list[str]:
     """Every problem found, as one line each; an empty list means the cache is sound.
 
     Checks: every unit done; every array present with the planned shape and all its shards
@@ -76,13 +76,13 @@ def verify_cache(cache: FeatureCache, atol: float = 2e-2) -> list[str]:
         return problems
     for t in plan.timesteps:
         for layer in plan.layer_shapes:
-            problems += _check_pooled(cache, t, layer, atol)
+            problems += _check_pooled(cache, t, layer, rtol, atol)
     return problems
 
 
 def _planned_shapes(plan) -> dict:
     n = plan.num_samples
-    shapes = {"latents": (n, *plan.latent_shape), "labels": (n, *plan.label_shape), "sample_names": (n,)}
+    shapes = {"latents": (n, *plan.latent_shape), "labels": (n, *plan.label_shape), "sample_names": (n,), "done": (n,)}
     for t in plan.timesteps:
         shapes[trajectory_path(t)] = (n, *plan.latent_shape)
         for layer, shape in plan.layer_shapes.items():
@@ -126,7 +126,7 @@ def _check_array(cache: FeatureCache, name: str, shape: tuple, read: bool) -> li
     return []
 
 
-def _check_pooled(cache: FeatureCache, t: str, layer: str, atol: float) -> list[str]:
+def _check_pooled(cache: FeatureCache, t: str, layer: str, rtol: float, atol: float) -> list[str]:
     maps = cache.root[feature_path(t, layer)]
     pooled = cache.root[pooled_path(t, layer)]
     step = cache.plan.shard_size
@@ -134,10 +134,12 @@ def _check_pooled(cache: FeatureCache, t: str, layer: str, atol: float) -> list[
         rows, error = _read(maps, start, step)
         if error:
             return [error]
-        mean = rows.astype(np.float32).mean(axis=(2, 3))
-        stored = pooled[start : start + step]
-        scale = np.abs(stored).max() + 1.0
-        if not np.allclose(mean, stored, atol=atol * scale, rtol=0):
+        values = rows.astype(np.float32)
+        mean, stored = values.mean(axis=(2, 3)), pooled[start : start + step]
+        # Pooled vectors are means of the activations before their rounding to float16, so they
+        # may differ from the stored maps' means by up to half an fp16 step of the largest value.
+        scale = np.abs(values).max(axis=(2, 3))
+        if not np.all(np.abs(mean - stored) <= atol + rtol * scale):
             err = float(np.abs(mean - stored).max())
             return [f"pooled/{t}/{layer}: differs from the mean of its maps by {err:.3g} at rows {start}+"]
     return []

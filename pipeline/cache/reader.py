@@ -72,7 +72,15 @@ class FeatureCache:
 
     @cached_property
     def done(self) -> np.ndarray:
-        return self.root["done"][:]
+        """Done flags; a shard whose flags cannot be read counts as not done."""
+        done = np.zeros(len(self), dtype=bool)
+        for shard in range(self.plan.num_shards):
+            rows = slice(*self.plan.shard_range(shard))
+            try:
+                done[rows] = self.root["done"][rows]
+            except Exception:  # a damaged chunk: `cache verify` names it
+                pass
+        return done
 
     @property
     def complete(self) -> bool:

@@ -6,6 +6,8 @@ import json
 
 import zarr
 
+from ..errors import UserError
+
 # zarr encodes the inner chunks of a shard in batches of this size; its default of 1 doubles the
 # time to write and read a cache of one-image chunks (measured: 42 -> 22 ms per 64-image shard).
 # zarr also skips chunks equal to the fill value (a shard of class-0 labels, say); a cache stores
@@ -13,7 +15,7 @@ import zarr
 zarr.config.set({"codec_pipeline.batch_size": 64, "array.write_empty_chunks": True})
 
 
-class CacheError(ValueError):
+class CacheError(UserError):
     """A cache that cannot be used as asked; the message says why and what to do."""
 
 
@@ -37,15 +39,20 @@ def open_root(path: str, mode: str, storage_options: dict | None = None):
         if str(path).startswith("file://"):
             opts.setdefault("auto_mkdir", True)
         kwargs["storage_options"] = opts
-    return zarr.open_group(str(path), mode=mode, zarr_format=3, **kwargs)
-
-
-def exists(path: str, storage_options: dict | None = None) -> bool:
     try:
-        open_root(path, "r", storage_options)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        return False
-    return True
+        return zarr.open_group(str(path), mode=mode, zarr_format=3, **kwargs)
+    except ImportError as err:
+        scheme = str(path).split("://")[0]
+        raise CacheError(f"cannot open {path}: {err}; install the fsspec package for {scheme}:// "
+                         f"(e.g. pip install s3fs for s3://)") from None
+
+
+def path_exists(path: str, storage_options: dict | None = None) -> bool:
+    """Whether anything (a cache or not) is at ``path``."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
+    return fs.exists(root)
 
 
 def remove(path: str, storage_options: dict | None = None) -> None:

@@ -9,7 +9,9 @@ import numpy as np
 from .layout import (
     ATTRS_KEY, FORMAT_VERSION, CachePlan, compressors, feature_path, pooled_path, trajectory_path,
 )
-from .store import CacheMismatch, differences, exists, normalise, open_root, remove
+from .store import CacheError, CacheMismatch, differences, normalise, open_root, path_exists, remove
+
+CREATING_KEY = "satdifuser_creating"
 
 
 class CacheWriter:
@@ -24,15 +26,29 @@ class CacheWriter:
     def reopen(cls, path: str, request: dict, storage_options: dict | None = None) -> "CacheWriter | None":
         """The store at ``path`` if it was built for ``request``; None if there is none.
 
-        A store built for another request is refused with the keys that differ; a store whose
-        creation never finished (no attributes yet) counts as none.
+        A cache built for another request is refused with the keys that differ (CacheMismatch);
+        anything else at ``path`` is refused too, never deleted. A cache whose creation never
+        finished counts as none.
         """
-        if not exists(path, storage_options):
+        if not path_exists(path, storage_options):
             return None
-        root = open_root(path, "r+", storage_options)
+        not_ours = CacheError(f"{path} exists but is not a feature cache; move it away or pass --overwrite")
+        try:
+            root = open_root(path, "r+", storage_options)
+        except CacheError:
+            raise
+        except Exception:  # zarr raises several kinds for "no group here"
+            raise not_ours from None
         stored = root.attrs.get(ATTRS_KEY)
         if stored is None:
-            return None
+            if root.attrs.get(CREATING_KEY):
+                return None
+            raise not_ours
+        if stored.get("format_version") != FORMAT_VERSION or not {"request", "plan"} <= set(stored):
+            raise CacheError(
+                f"cache {path} has format version {stored.get('format_version')}, this version writes "
+                f"{FORMAT_VERSION}; pass --overwrite to rebuild it"
+            )
         diffs = differences(stored["request"], request)
         if diffs:
             raise CacheMismatch(path, diffs, "pass --overwrite to rebuild it")
@@ -45,8 +61,9 @@ class CacheWriter:
         remove(path, storage_options)
         request = normalise(request)
         root = open_root(path, "w", storage_options)
+        root.attrs[CREATING_KEY] = True
         _create_arrays(root, plan)
-        # Attributes last: a store without them is known to be half-created.
+        # Provenance last: until then the store is known to be half-created.
         root.attrs[ATTRS_KEY] = {
             "format_version": FORMAT_VERSION,
             "request": request,
@@ -54,11 +71,17 @@ class CacheWriter:
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             **(info or {}),
         }
+        del root.attrs[CREATING_KEY]
         return cls(root, path, plan)
 
     def pending_shards(self) -> list[int]:
-        done = self.root["done"][:]
-        return [s for s in range(self.plan.num_shards) if not done[slice(*self.plan.shard_range(s))].all()]
+        return [s for s in range(self.plan.num_shards) if not self._shard_done(s)]
+
+    def _shard_done(self, shard: int) -> bool:
+        try:
+            return bool(self.root["done"][slice(*self.plan.shard_range(shard))].all())
+        except Exception:  # an unreadable done chunk means the shard must be redone
+            return False
 
     def write_shard(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
         """Write every array of one shard, then mark it done.
@@ -110,5 +133,5 @@ def _create_arrays(root, plan: CachePlan) -> None:
         per_shard(trajectory_path(t), plan.latent_shape, "float32")
     per_shard("latents", plan.latent_shape, "float32")
     per_shard("labels", plan.label_shape, plan.label_dtype)
-    root.create_array("sample_names", shape=(n,), chunks=(s,), dtype=str)
-    root.create_array("done", shape=(n,), chunks=(s,), dtype=bool, fill_value=False)
+    root.create_array("sample_names", shape=(n,), chunks=(s,), dtype=str, compressors=codecs)
+    root.create_array("done", shape=(n,), chunks=(s,), dtype=bool, fill_value=False, compressors=codecs)

@@ -38,13 +38,15 @@ Split
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import UserError
 
 DEMO_CLS_TASK = "classification_v1.0/demo-landcover"
 DEMO_SEG_TASK = "segmentation_v1.0/demo-landcover-seg"
@@ -180,7 +182,7 @@ def split_cells(grid: PatchGrid, block_patches: int, seed: int) -> dict[str, lis
     n_valid = max(1, round(SPLIT_SHARES["valid"] * len(blocks)))
     n_test = max(1, round(SPLIT_SHARES["test"] * len(blocks)))
     if n_valid + n_test >= len(blocks):
-        raise ValueError(f"only {len(blocks)} blocks; use a larger grid or smaller block_patches")
+        raise UserError(f"only {len(blocks)} blocks; use a larger grid or smaller block_patches")
     split_of_block = {}
     for rank, k in enumerate(order):
         split_of_block[blocks[k]] = ("valid" if rank < n_valid
@@ -215,7 +217,7 @@ _OWN_FILES = ("*.hdf5", "*_partition.json", "task_specs.pkl", "band_stats.json")
 
 def _check_dir(task_dir: Path, overwrite: bool) -> None:
     if not overwrite and task_dir.exists() and any(task_dir.iterdir()):
-        raise ValueError(f"{task_dir} is not empty; pass overwrite=True (--overwrite) to replace it")
+        raise UserError(f"{task_dir} is not empty; pass overwrite=True (--overwrite) to replace it")
 
 
 def _clear_dir(task_dir: Path) -> None:
@@ -279,7 +281,9 @@ def build_demo_tasks(root: Path, patch_size: int = 64, block_patches: int = 5, s
     for task_dir in (cls_dir, seg_dir):
         _clear_dir(task_dir)
 
-    import geobench as gb  # deferred: importing geobench creates $GEO_BENCH_DIR
+    # Importing geobench creates $GEO_BENCH_DIR (default ~/dataset/geobench): point it here.
+    os.environ.setdefault("GEO_BENCH_DIR", str(root))
+    import geobench as gb
 
     rows, cols = max_grid if max_grid else (None, None)
     stack, transform, crs = load_scene(None if rows is None else rows * patch_size,
@@ -339,16 +343,3 @@ def _summary(grid, block_patches, seed, labels, cell_splits, partitions, transfo
         "classification": {"task": DEMO_CLS_TASK, "patches_per_class": _balance(patch_classes)},
         "segmentation": {"task": DEMO_SEG_TASK, "pixels_per_class": _balance(pixel_classes)},
     }
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the Sentinel-2 demo GEO-Bench tasks.")
-    parser.add_argument("root", type=Path, help="GEO_BENCH_DIR-style output folder")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    summary = build_demo_tasks(args.root, overwrite=args.overwrite)
-    print(json.dumps({k: summary[k] for k in ("split_sizes", "classification")}, indent=2))
-
-
-if __name__ == "__main__":
-    main()

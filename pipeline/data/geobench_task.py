@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..config import Config, ConfigError, geobench_root
+from ..errors import UserError
 
 GEOBENCH_SPLITS = {"train": "train", "val": "valid", "test": "test"}
 
@@ -46,8 +48,8 @@ class TaskSource:
 
     name: str
     kind: str
-    task_dir: Path
-    geobench_task: str
+    root: Path  # the GEO-Bench root
+    geobench_task: str  # the task's folder under root
     bands: tuple[str, ...]
     band_scale: float
     img_size: int
@@ -67,9 +69,13 @@ class TaskSource:
                 f"set {', '.join(missing)} in its task file"
             )
         return cls(
-            cfg.dataset_name, cfg.task, geobench_root(cfg) / task, task, tuple(bands), float(scale),
+            cfg.dataset_name, cfg.task, geobench_root(cfg), task, tuple(bands), float(scale),
             cfg.img_size, cfg.num_classes, cfg.partition,
         )
+
+    @property
+    def task_dir(self) -> Path:
+        return Path(self.root) / self.geobench_task
 
 
 def to_model_input(rgb: np.ndarray, band_scale: float, img_size: int) -> torch.Tensor:
@@ -88,16 +94,18 @@ class GeoBenchSplit(Dataset):
     """One split of a task: ``{"image", "label", "name", "index"}`` per sample."""
 
     def __init__(self, source: TaskSource, split: str):
-        import geobench  # noqa: F401  (its import needs GEO_BENCH_DIR; keep it off --help)
-        from geobench.dataset import GeobenchDataset
-
         if split not in GEOBENCH_SPLITS:
-            raise ValueError(f"split {split!r} is not one of {list(GEOBENCH_SPLITS)}")
+            raise UserError(f"split {split!r} is not one of {list(GEOBENCH_SPLITS)}")
         if not (source.task_dir / "task_specs.pkl").is_file():
             raise FileNotFoundError(
                 f"GEO-Bench task not found in {source.task_dir} (no task_specs.pkl); set geobench_dir "
                 f"or GEO_BENCH_DIR to the folder holding {source.geobench_task}"
             )
+        # `import geobench` creates $GEO_BENCH_DIR (default ~/dataset/geobench); point it at the
+        # root in use so that nothing is created elsewhere.
+        os.environ.setdefault("GEO_BENCH_DIR", str(source.root))
+        from geobench.dataset import GeobenchDataset
+
         self.source = source
         self.split = split
         try:
@@ -106,7 +114,7 @@ class GeoBenchSplit(Dataset):
                 partition_name=source.partition, band_names=source.bands,
             )
         except (ValueError, AssertionError) as err:
-            raise ValueError(f"cannot open {source.task_dir} split {split!r}: {err}") from None
+            raise UserError(f"cannot open {source.task_dir} split {split!r}: {err}") from None
         self.names = list(self._ds.active_partition.partition_dict[GEOBENCH_SPLITS[split]])
 
     def __len__(self) -> int:
@@ -127,13 +135,30 @@ class GeoBenchSplit(Dataset):
         kind = self.source.kind
         if kind == "segmentation":
             if not hasattr(label, "data"):
-                raise ValueError(f"{self.source.task_dir}: task is segmentation but {sample.sample_name} has no label map")
+                raise UserError(f"{self.source.task_dir}: task is segmentation but {sample.sample_name} has no label map")
             return np.asarray(label.data).astype(np.uint8)
         if kind == "multi_label_classification":
-            return np.asarray(label).astype(np.uint8).reshape(self.source.num_classes)
+            vector = np.asarray(label).astype(np.uint8).reshape(-1)
+            if len(vector) != self.source.num_classes:
+                raise UserError(f"{self.source.task_dir}: {sample.sample_name} has {len(vector)} labels but "
+                                f"num_classes is {self.source.num_classes}; fix num_classes in the task file")
+            return vector
         if hasattr(label, "data"):
-            raise ValueError(f"{self.source.task_dir}: task is {kind} but {sample.sample_name} has a label map")
+            raise UserError(f"{self.source.task_dir}: task is {kind} but {sample.sample_name} has a label map")
         return np.asarray(int(label), dtype=np.int64)
+
+    def content_hash(self) -> str:
+        """SHA-256 over the task specs, the partition and every sample file of this split, so a
+        cache is rebuilt when the data under it changes, not only its sample names."""
+        digest = hashlib.sha256()
+        task_dir = self.source.task_dir
+        files = [task_dir / "task_specs.pkl", task_dir / f"{self.source.partition}_partition.json"]
+        files += [task_dir / f"{name}.hdf5" for name in self.names]
+        for f in files:
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    digest.update(block)
+        return digest.hexdigest()[:16]
 
     def provenance(self) -> dict:
         names_hash = hashlib.sha256(json.dumps(self.names).encode()).hexdigest()[:16]
@@ -145,6 +170,7 @@ class GeoBenchSplit(Dataset):
             "partition": self.source.partition,
             "num_samples": len(self.names),
             "sample_names_sha256": names_hash,
+            "content_sha256": self.content_hash(),
             "bands": list(self.source.bands),
             "scaling": f"x / {self.source.band_scale:g}, clip [0, 1], bilinear antialiased resize, (x - 0.5) / 0.5",
             "img_size": self.source.img_size,

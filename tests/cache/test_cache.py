@@ -107,12 +107,42 @@ def test_reopen_same_request_resumes_other_request_is_refused(tmp_path):
     assert "--overwrite" in str(err.value)
 
 
-def test_half_created_store_counts_as_none(tmp_path):
-    import zarr
+def test_half_created_store_counts_as_none(tmp_path, monkeypatch):
+    import pipeline.cache.writer as writer_module
 
-    zarr.open_group(str(tmp_path / "c.zarr"), mode="w").create_array("latents", shape=(1,), dtype="f4")
+    def dies(root, plan):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer_module, "_create_arrays", dies)
+    with pytest.raises(KeyboardInterrupt):
+        CacheWriter.create(str(tmp_path / "c.zarr"), REQUEST, PLAN)
     assert CacheWriter.reopen(str(tmp_path / "c.zarr"), REQUEST) is None
     assert CacheWriter.reopen(str(tmp_path / "nothing.zarr"), REQUEST) is None
+
+
+def test_what_is_not_a_cache_is_refused_and_kept(tmp_path):
+    import zarr
+
+    folder = tmp_path / "plain.zarr"
+    folder.mkdir()
+    (folder / "important.txt").write_text("keep me")
+    with pytest.raises(CacheError, match="exists but is not a feature cache; move it away or pass --overwrite"):
+        CacheWriter.reopen(str(folder), REQUEST)
+    assert (folder / "important.txt").read_text() == "keep me"
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w").create_array("x", shape=(1,), dtype="f4")
+    with pytest.raises(CacheError, match="not a feature cache"):
+        CacheWriter.reopen(str(tmp_path / "other.zarr"), REQUEST)
+    assert (tmp_path / "other.zarr" / "x").exists()
+
+
+def test_other_format_versions_are_refused(tmp_path):
+    import zarr
+
+    build(tmp_path / "c.zarr")
+    root = zarr.open_group(str(tmp_path / "c.zarr"), mode="r+")
+    root.attrs["satdifuser"] = {**root.attrs["satdifuser"], "format_version": 0}
+    with pytest.raises(CacheError, match="format version 0"):
+        CacheWriter.reopen(str(tmp_path / "c.zarr"), REQUEST)
 
 
 def test_reader_checks_expected_provenance(tmp_path):
@@ -156,6 +186,15 @@ def test_verify_catches_missing_truncated_and_inconsistent_data(tmp_path):
 
     build(root, shards=[0, 1])
     assert "2 of 10 samples are not marked done" in verify_cache(open_cache(str(root)))[0]
+
+    writer = build(root)
+    f = root / "done" / "c" / "1"
+    f.write_bytes(f.read_bytes()[:-3])
+    cache = open_cache(str(root))
+    assert cache.done.tolist() == [True] * 4 + [False] * 4 + [True] * 2  # damaged flags: not done
+    problems = verify_cache(cache)
+    assert "4 of 10 samples are not marked done" in problems[0] and any("done: rows 4-7 unreadable" in p for p in problems)
+    assert CacheWriter.reopen(str(root), REQUEST).pending_shards() == [1]
 
 
 def test_file_url_store(tmp_path):

@@ -49,30 +49,18 @@ def test_segmentation_labels_are_pixel_maps(demo_root):
     assert label.shape == (64, 64) and label.dtype == np.uint8 and label.max() < 4
 
 
-def test_multi_label_task_written_by_geobench(tmp_path):
-    import geobench as gb
-
-    task_dir = tmp_path / "classification_v1.0" / "toy-multilabel"
-    task_dir.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    partition = gb.Partition()
-    labels = {}
-    for i in range(3):
-        bands = [gb.Band(rng.integers(0, 4000, (16, 16)).astype(np.int16), info, 10)
-                 for info in gb.sentinel2_13_bands[1:4]]
-        labels[f"s{i}"] = rng.integers(0, 2, 5).astype(np.uint8)
-        gb.Sample(bands, labels[f"s{i}"], f"s{i}").write(str(task_dir))
-        partition.add("train", f"s{i}")
-    gb.TaskSpecifications(dataset_name="toy-multilabel", benchmark_name="classification_v1.0", patch_size=(16, 16),
-                          spatial_resolution=10, bands_info=gb.sentinel2_13_bands[1:4],
-                          label_type=gb.MultiLabelClassification(5)).save(str(task_dir))
-    partition.save(str(task_dir), "default")
-    src = TaskSource("toy", "multi_label_classification", task_dir, "classification_v1.0/toy-multilabel",
+def test_multi_label_task_written_by_geobench(multilabel_root):
+    root, labels = multilabel_root
+    src = TaskSource("toy", "multi_label_classification", root, "classification_v1.0/toy-multilabel",
                      ("04", "03", "02"), 4095.0, 32, 5)
     split = GeoBenchSplit(src, "train")
-    for i in range(3):
+    for i in range(len(split)):
         np.testing.assert_array_equal(split[i]["label"], labels[split.names[i]])
     assert split[0]["image"].shape == (3, 32, 32)
+    wrong = TaskSource("toy", "multi_label_classification", root, "classification_v1.0/toy-multilabel",
+                       ("04", "03", "02"), 4095.0, 32, 43)
+    with pytest.raises(ValueError, match="has 5 labels but num_classes is 43"):
+        GeoBenchSplit(wrong, "train")[0]
 
 
 def test_partitions_select_their_samples(demo_root):
