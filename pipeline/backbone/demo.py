@@ -158,7 +158,18 @@ def _write_vae(folder: Path, img_size: int, seed: int) -> None:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    AutoencoderKL(**tiny_vae_config(img_size)).save_pretrained(str(folder))
+    vae = AutoencoderKL(**tiny_vae_config(img_size))
+    # Shape the random posterior like a trained one. A trained VAE's posterior is narrow; a random
+    # one has std ~1, whose sampling noise would drown the image, so the log-variance is a constant
+    # -12 (std ~0.0025). Its mean is scaled so that latents x 0.18215 have std ~1 (measured 0.98
+    # on the demo task), the range SD's UNet expects, instead of ~0.03.
+    half = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[half:] = 0.0
+        vae.quant_conv.bias[half:] = -12.0
+        vae.quant_conv.weight[:half] *= 30.0
+        vae.quant_conv.bias[:half] *= 30.0
+    vae.save_pretrained(str(folder))
 
 
 def _write_unet(folder: Path, config: dict, weights: str, seed: int) -> None:
