@@ -18,6 +18,12 @@ app.add_typer(cache_app, name="cache")
 app.add_typer(demo_app, name="demo")
 
 
+class Fuser(str, Enum):
+    gw = "gw"
+    lw = "lw"
+    moe = "moe"
+
+
 class Split(str, Enum):
     train = "train"
     val = "val"
@@ -80,6 +86,54 @@ def extract(
             result = extraction.run(name, overwrite=overwrite, progress=progress)
             rate = f", {result.images_per_second:.1f} img/s" if result.extracted else " (already complete)"
             typer.echo(f"{result.path}: {result.num_samples} samples, {result.extracted} extracted{rate}")
+
+
+@app.command()
+def fit(
+    config: ConfigArg,
+    fuser: Annotated[Optional[Fuser], typer.Option(help="Fuser (default: the config's).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: <exp_folder>/<dataset>/<fuser>).")] = None,
+    cache_dir: Annotated[Optional[str], typer.Option(help="Cache root holding <dataset>/<split>.zarr.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 or auto (default: the config's).")] = None,
+    live: Annotated[bool, typer.Option(help="Recompute features through the backbone every batch (the reference's way; for measuring).")] = False,
+    set_: SetOpt = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """Train a fuser and head on cached features; writes metrics.json, the model and plots."""
+    from pipeline.config import load_config
+    from pipeline.fit import fit as run_fit
+
+    with user_errors():
+        overrides = parse_overrides(set_ or [])
+        if fuser:
+            overrides["fuser"] = fuser.value
+        cfg = load_config(config, overrides)
+        out = out or Path(cfg.exp_folder) / cfg.dataset_name / cfg.fuser
+        metrics = run_fit(cfg, out, device=device, live=live, cache_dir=cache_dir, progress=progress)
+    select = metrics["selection_metric"]
+    typer.echo(f"{out}: val {select} {metrics['val'][select]:.4f}, test {select} {metrics['test'][select]:.4f} "
+               f"({metrics['epochs_run']} epochs, {metrics['train_seconds']:.0f} s)")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="A saved model folder (…/model).")],
+    config: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="The experiment config it was trained with.")],
+    split: Annotated[Split, typer.Option(help="Split to evaluate.")] = Split.test,
+    cache_dir: Annotated[Optional[str], typer.Option(help="Cache root holding <dataset>/<split>.zarr.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto (default: the config's).")] = None,
+    set_: SetOpt = None,
+):
+    """Evaluate a saved model on a split's cache and print the metrics as JSON."""
+    from pipeline.config import load_config
+    from pipeline.fit import evaluate_saved
+
+    if split is Split.all:
+        raise typer.BadParameter("choose one split", param_hint="--split")
+    with user_errors():
+        cfg = load_config(config, parse_overrides(set_ or []))
+        metrics = evaluate_saved(cfg, model, split.value, cache_dir, device)
+    typer.echo(json.dumps(metrics, indent=1))
 
 
 @cache_app.command("info")

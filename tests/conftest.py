@@ -70,3 +70,27 @@ def multilabel_root(tmp_path_factory):
                           label_type=gb.MultiLabelClassification(5)).save(str(task_dir))
     partition.save(str(task_dir), "default")
     return root, labels
+
+
+@pytest.fixture(scope="session")
+def cached_demo(demo_root, tiny_backbone, tmp_path_factory):
+    """Caches of every split of both tiny demo tasks (extracted once), and a config maker for fits."""
+    from pipeline.config import load_config
+    from pipeline.extract import Extraction
+
+    cache_dir = tmp_path_factory.mktemp("cache")
+    base = {
+        "geobench_dir": str(demo_root), "pretrained_model_name_or_path": str(tiny_backbone.root),
+        "img_size": 64, "cache_dir": str(cache_dir), "shard_size": 8, "num_workers": 0, "device": "cpu",
+        "projection_dim": 128, "channels": 32, "batch_size": 8, "val_batch_size": 8, "max_train_epochs": 2,
+        "moe_warmup_steps": 2,
+    }
+
+    def make(exp: str = "demo_cls", **overrides):
+        return load_config(f"configs/{exp}_exp.yaml", {**base, **overrides})
+
+    for exp in ("demo_cls", "demo_seg"):
+        extraction = Extraction(make(exp))
+        for split in ("train", "val", "test"):
+            extraction.run(split, progress=False)
+    return make

@@ -1,0 +1,154 @@
+"""`satdifuser fit`: train a fuser + head on cached features (or, with ``live``, on features
+recomputed through the backbone for every batch, as the reference does) and write the outputs.
+
+Outputs in ``out_dir``: ``metrics.json`` (val and test of the best model), ``model/`` (config.json +
+model.safetensors), ``history.csv`` and the plots of ``pipeline.plots`` (PNG and CSV for DVC).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cache.batches import CacheBatches, batch_order
+from .cache.reader import FeatureCache, open_cache
+from .config import Config
+from .model import FusionModel
+from .train import Splits, evaluate, feature_selection, model_config, train
+
+log = logging.getLogger(__name__)
+
+# What a cache must share with the experiment for its features to be the ones asked for.
+EXTRACTION_KEYS = ("mode", "num_timesteps", "prompt", "img_size", "latent", "seed")
+
+
+def expected_request(cfg: Config, split: str) -> dict:
+    extraction = {k: getattr(cfg, {"mode": "diffusion_mode"}.get(k, k)) for k in EXTRACTION_KEYS}
+    return {"extraction": extraction, "dataset": {"name": cfg.dataset_name, "split": split}}
+
+
+def open_split_caches(cfg: Config, cache_dir: str | None = None) -> dict[str, FeatureCache]:
+    caches = {}
+    for split in ("train", "val", "test"):
+        path = f"{(cache_dir or cfg.cache_dir).rstrip('/')}/{cfg.dataset_name}/{split}.zarr"
+        caches[split] = open_cache(path, expect=expected_request(cfg, split))
+    return caches
+
+
+def cached_splits(cfg: Config, caches: dict, timesteps, layers) -> Splits:
+    def batches(split, shuffle):
+        src = CacheBatches(caches[split], cfg.batch_size if split == "train" else cfg.val_batch_size,
+                           timesteps, layers, shuffle=shuffle, seed=cfg.seed)
+        src.preload = src.nbytes() <= cfg.preload_max_gb * 2**30
+        return src.epoch
+
+    return Splits(batches("train", True), batches("val", False), batches("test", False), len(caches["train"]))
+
+
+def live_splits(cfg: Config, timesteps, layers, device) -> Splits:
+    """Features recomputed from the images for every batch (the reference's way)."""
+    from .backbone.extractor import FeatureExtractor
+    from .backbone.loader import load_diffusionsat
+    from .data.geobench_task import GeoBenchSplit, TaskSource, collate
+    from .extract import backbone_spec, extraction_settings
+
+    extractor = FeatureExtractor(load_diffusionsat(backbone_spec(cfg), device), extraction_settings(cfg))
+    source = TaskSource.from_config(cfg)
+
+    def batches(split, shuffle):
+        data = GeoBenchSplit(source, split)
+        size = cfg.batch_size if split == "train" else cfg.val_batch_size
+
+        def epoch(e):
+            for idx in batch_order(len(data), size, shuffle, cfg.seed, e):
+                batch = collate([data[int(i)] for i in idx])
+                out = extractor(batch["image"], batch["name"])
+                feats = {t: {l: out.maps[t][l] for l in layers} for t in timesteps}
+                yield feats, torch.from_numpy(batch["label"]), idx
+
+        return epoch, len(data)
+
+    (train_b, n), (val_b, _), (test_b, _) = batches("train", True), batches("val", False), batches("test", False)
+    return Splits(train_b, val_b, test_b, n)
+
+
+def fit(cfg: Config, out_dir: str | Path, device: str | None = None, live: bool = False,
+        cache_dir: str | None = None, progress: bool = True) -> dict:
+    from .extract import resolve_device
+    from .plots import write_plots
+
+    out_dir = Path(out_dir)
+    dev = resolve_device(device or cfg.device)
+    # Tiny activations turn into subnormal floats in the backward pass, which run tens of times
+    # slower on CPUs; flushing them to zero changes nothing measurable and keeps steps steady.
+    torch.set_flush_denormal(True)
+    caches = open_split_caches(cfg, cache_dir)
+    timesteps, layers = feature_selection(cfg, caches["train"])
+    shapes = {l: caches["train"].layer_shapes[l] for l in layers}
+    splits = live_splits(cfg, timesteps, layers, dev) if live else cached_splits(cfg, caches, timesteps, layers)
+    torch.manual_seed(cfg.seed)
+    model = FusionModel(model_config(cfg, shapes, timesteps)).to(dev)
+    log.info("%s + %s: %d parameters, %d timesteps x %d layers, %s features", cfg.fuser, model.config.head,
+             sum(p.numel() for p in model.parameters()), len(timesteps), len(layers), "live" if live else "cached")
+    result = train(cfg, model, splits, out_dir, dev, progress)
+    result.metrics.update(fuser=cfg.fuser, dataset=cfg.dataset_name, seed=cfg.seed, live=live,
+                          timesteps=timesteps, layers=layers)
+    best = FusionModel.from_pretrained(out_dir / "model", dev)
+    write_outputs(cfg, out_dir, result, best, splits, dev)
+    write_plots(out_dir, result, best, aux_summary(cfg, best, splits, dev))
+    return result.metrics
+
+
+def write_outputs(cfg: Config, out_dir: Path, result, model, splits, device) -> None:
+    (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+    base = ["step", "epoch", "lr", "train_loss"]
+    fields = base + sorted({k for row in result.history for k in row} - set(base))
+    with open(out_dir / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(result.history)
+
+
+def aux_summary(cfg: Config, model: FusionModel, splits: Splits, device) -> dict:
+    """What the fuser learned: GW weights, LW mean gates (over the validation split) as a
+    (timestep, layer) table, or MoE expert usage per scale."""
+    from .train import to_device
+
+    fuser = model.fuser
+    T, layers = len(fuser.timesteps), fuser.layers
+    if model.config.fuser == "gw":
+        return {"weights": torch.softmax(fuser.mixing_weights.detach(), 0).view(T, len(layers)).cpu().numpy()}
+    output_shape = (cfg.original_img_size,) * 2 if cfg.task == "segmentation" else None
+    total, n = None, 0
+    model.eval()
+    with torch.no_grad():
+        for feats, labels, _ in splits.val(0):
+            _, aux = model(to_device(feats, device), output_shape)
+            if model.config.fuser == "lw":
+                part = torch.cat([g.mean(dim=(2, 3)).sum(0).view(T, -1) for g in aux["gates"]], dim=1)
+            else:
+                part = aux["expert_usage"].view(len(fuser.scales), T, -1).mean(1) * len(labels)
+            total = part if total is None else total + part
+            n += len(labels)
+    key = "weights" if model.config.fuser == "lw" else "expert_usage"
+    return {key: (total / n).cpu().numpy()}
+
+
+def evaluate_saved(cfg: Config, model_dir: str | Path, split: str = "test", cache_dir: str | None = None,
+                   device: str | None = None) -> dict:
+    """Metrics of a saved model on one split's cache (the features it was trained on)."""
+    from .extract import resolve_device
+
+    dev = resolve_device(device or cfg.device)
+    model = FusionModel.from_pretrained(model_dir, dev)
+    path = f"{(cache_dir or cfg.cache_dir).rstrip('/')}/{cfg.dataset_name}/{split}.zarr"
+    cache = open_cache(path, expect=expected_request(cfg, split))
+    batches = CacheBatches(cache, cfg.val_batch_size, model.config.timesteps, list(model.config.layer_shapes))
+    output_shape = (cfg.original_img_size,) * 2 if cfg.task == "segmentation" else None
+    return evaluate(model, batches.epoch(0), cfg.task, cfg.num_classes, cfg.ignore_index, output_shape, dev)

@@ -1,0 +1,1 @@
+"""Heads on fused features: linear (classification, multi-label) and UPerNet (segmentation)."""

@@ -1,0 +1,206 @@
+"""Fit a fuser and head from cached features, as the reference trains them.
+
+Adam with the config's lr and weight decay; the learning rate starts at 2e-5, rises linearly to
+``lr`` over ``warmup_epochs`` and follows a cosine to ``min_lr`` at ``max_train_epochs``, stepped
+once per epoch. Validation every ``eval_every_n_steps`` (at most one epoch); early stopping after
+``early_stopping_patience`` validations without improvement; the best model is kept and evaluated
+on test once at the end. Unlike the reference, the model returns to train mode after a mid-epoch
+validation, and no evaluation runs before training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cache.batches import CacheBatches
+from .cache.reader import FeatureCache, open_cache
+from .cache.store import CacheError
+from .config import Config, ConfigError
+from .metrics import SELECTION, Accumulator
+from .model import FusionModel, ModelConfig, parameter_count
+
+log = logging.getLogger(__name__)
+
+INIT_LR = 2e-5  # the reference's warm-up starting point
+
+
+class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
+    """The reference's per-epoch schedule (epoch 0 runs at 2e-5)."""
+
+    def __init__(self, optimizer, warmup_epochs: int, max_lr: float, min_lr: float, total_epochs: int):
+        self.warmup_epochs, self.max_lr, self.min_lr, self.total_epochs = warmup_epochs, max_lr, min_lr, total_epochs
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        epoch = min(self.last_epoch, self.total_epochs)
+        if epoch < self.warmup_epochs:
+            lr = INIT_LR + (self.max_lr - INIT_LR) * epoch / self.warmup_epochs
+        else:
+            span = max(self.total_epochs - self.warmup_epochs, 1)
+            lr = self.min_lr + (self.max_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / span))
+        return [lr for _ in self.optimizer.param_groups]
+
+
+def criterion(task: str, ignore_index: int) -> nn.Module:
+    if task == "multi_label_classification":
+        return nn.BCEWithLogitsLoss()
+    return nn.CrossEntropyLoss(ignore_index=ignore_index)
+
+
+def prepare_labels(task: str, labels: torch.Tensor, device) -> torch.Tensor:
+    labels = labels.to(device)
+    return labels.float() if task == "multi_label_classification" else labels.long()
+
+
+# ---- selecting what the experiment asks for from what the cache holds --------------------------
+
+
+LAYER_NAME = re.compile(r"^(?P<block>.+?)_(?P<i>\d+)_(?P<suffix>.+)_(?P<j>\d+)$")
+
+
+def select_layers(layer_idxs: dict, held: list[str]) -> list[str]:
+    """Resolve a ``layer_idxs`` spec against cached layer names (``up_blocks_1_attn1_0``)."""
+    chosen = []
+    for name in held:
+        m = LAYER_NAME.match(name)
+        sel = m and layer_idxs.get(m["block"], {}).get(m["suffix"])
+        if sel == "all" or (sel and [int(m["i"]), int(m["j"])] in [list(p) for p in sel]):
+            chosen.append(name)
+    asked = {f"{b}_{i}_{s}_{j}" for b, by_suffix in layer_idxs.items() for s, sel in by_suffix.items()
+             if sel != "all" for i, j in sel}
+    lacking = sorted(asked - set(held))
+    if lacking or not chosen:
+        raise CacheError(f"the cache lacks layers {lacking or layer_idxs}; it holds {held}")
+    return chosen
+
+
+def feature_selection(cfg: Config, cache: FeatureCache) -> tuple[list[str], list[str]]:
+    timesteps = [f"t{s}" for s in cfg.save_timesteps]
+    lacking = [t for t in timesteps if t not in cache.timesteps]
+    if lacking:
+        raise CacheError(f"cache {cache.path} has no timesteps {lacking}; it holds {cache.timesteps}")
+    return timesteps, select_layers(cfg.layer_idxs, cache.layers)
+
+
+def model_config(cfg: Config, layer_shapes: dict, timesteps: list[str]) -> ModelConfig:
+    seg = cfg.task == "segmentation"
+    return ModelConfig(
+        fuser=cfg.fuser, head="upernet" if seg else "linear", layer_shapes=layer_shapes, timesteps=timesteps,
+        num_classes=cfg.num_classes, projection_dim=cfg.projection_dim, num_experts=cfg.num_experts,
+        top_k=cfg.top_k, moe_warmup_steps=cfg.moe_warmup_steps or (500 if seg else 300),
+        channels=cfg.channels, pool_scales=list(cfg.pool_scales),
+    )
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+
+@dataclass
+class FitResult:
+    out_dir: Path
+    metrics: dict
+    history: list = field(default_factory=list)
+    epochs: int = 0
+    seconds: float = 0.0
+
+
+Batches = Callable[[int], Iterator[tuple[dict, torch.Tensor, np.ndarray]]]
+
+
+def evaluate(model: FusionModel, batches: Iterator, task: str, num_classes: int, ignore_index: int,
+             output_shape, device) -> dict:
+    was_training = model.training
+    model.eval()
+    acc = Accumulator(task, num_classes, None if ignore_index < 0 else ignore_index)
+    with torch.no_grad():
+        for feats, labels, _ in batches:
+            logits, _ = model(to_device(feats, device), output_shape)
+            acc.update(logits, labels)
+    model.train(was_training)
+    return acc.compute()
+
+
+def to_device(feats: dict, device) -> dict:
+    return {t: {l: x.to(device, non_blocking=True) for l, x in by_layer.items()} for t, by_layer in feats.items()}
+
+
+@dataclass
+class Splits:
+    train: Batches
+    val: Batches
+    test: Batches
+    train_size: int
+
+
+def train(cfg: Config, model: FusionModel, splits: Splits, out_dir: Path, device, progress: bool = True) -> FitResult:
+    """The reference's loop over ``splits``; writes the best model and returns val/test metrics."""
+    from tqdm.auto import tqdm
+
+    task = cfg.task
+    select = SELECTION[task]
+    output_shape = (cfg.original_img_size, cfg.original_img_size) if task == "segmentation" else None
+    loss_fn = criterion(task, cfg.ignore_index)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.op_weight_decay)
+    sched = WarmupCosine(opt, cfg.warmup_epochs, cfg.lr, cfg.min_lr, cfg.max_train_epochs)
+    steps_per_epoch = -(-splits.train_size // cfg.batch_size)
+    eval_every = min(cfg.eval_every_n_steps or steps_per_epoch, steps_per_epoch)
+
+    def run_eval(batches):
+        return evaluate(model, batches, task, cfg.num_classes, cfg.ignore_index, output_shape, device)
+
+    best, best_step, stale, step, history = -math.inf, 0, 0, 0, []
+    best_dir = out_dir / "model"
+    started = time.perf_counter()
+    epoch = 0
+    model.train()
+    for epoch in range(cfg.max_train_epochs):
+        bar = tqdm(splits.train(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
+        for feats, labels, _ in bar:
+            step += 1
+            opt.zero_grad()
+            logits, aux = model(to_device(feats, device), output_shape)
+            loss = loss_fn(logits, prepare_labels(task, labels, device))
+            if "balance_loss" in aux and cfg.moe_balance_weight:
+                # The reference's term is -KL(usage || uniform): subtract it, so that a positive
+                # weight pulls usage towards uniform (adding it would reward imbalance).
+                loss = loss - cfg.moe_balance_weight * aux["balance_loss"]
+            loss.backward()
+            opt.step()
+            row = {"step": step, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": loss.item()}
+            bar.set_postfix(loss=f"{row['train_loss']:.4f}")
+            if step % eval_every == 0:
+                val = run_eval(splits.val(0))
+                row[f"val_{select}"] = val[select]
+                if val[select] > best:
+                    best, best_step, stale = val[select], step, 0
+                    model.save_pretrained(best_dir)
+                else:
+                    stale += 1
+                log.info("step %d: val %s %.4f (best %.4f at step %d)", step, select, val[select], best, best_step)
+            history.append(row)
+            if stale >= cfg.early_stopping_patience:
+                break
+        sched.step()
+        if stale >= cfg.early_stopping_patience:
+            log.info("early stopping after %d validations without improvement", stale)
+            break
+    seconds = time.perf_counter() - started
+    if not best_dir.exists():
+        raise RuntimeError("no validation ran; check eval_every_n_steps and the training split")
+    best_model = FusionModel.from_pretrained(best_dir, device)
+    val = evaluate(best_model, splits.val(0), task, cfg.num_classes, cfg.ignore_index, output_shape, device)
+    test = evaluate(best_model, splits.test(0), task, cfg.num_classes, cfg.ignore_index, output_shape, device)
+    metrics = {"selection_metric": select, "best_step": best_step, "epochs_run": epoch + 1, "val": val, "test": test,
+               "train_seconds": round(seconds, 2), "parameters": parameter_count(model)}
+    return FitResult(out_dir, metrics, history, epoch + 1, seconds)

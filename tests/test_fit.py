@@ -1,0 +1,40 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.fit import evaluate_saved, fit
+
+
+@pytest.mark.parametrize("exp, fuser, metric", [("demo_cls", "lw", "accuracy"), ("demo_seg", "moe", "miou")])
+def test_fit_writes_metrics_model_and_plots(cached_demo, tmp_path, exp, fuser, metric):
+    # Without up_blocks_0's 1 x 1 maps (at 64 px), where GroupNorm cannot normalise one routed image.
+    cfg = cached_demo(exp, fuser=fuser, max_train_epochs=1, layer_idxs={"up_blocks": {"attn1": "all", "conv2": []}})
+    metrics = fit(cfg, tmp_path, progress=False)
+    assert metrics["selection_metric"] == metric and 0 <= metrics["test"][metric] <= 1
+    assert json.loads((tmp_path / "metrics.json").read_text())["test"][metric] == metrics["test"][metric]
+    assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "history.csv").is_file()
+    plots = {p.name for p in (tmp_path / "plots").iterdir()}
+    assert {"curves.png", "fusion.png", "fusion.csv"} <= plots
+    assert ({"iou.png", "iou.csv"} if metric == "miou" else {"confusion.png", "confusion.csv"}) <= plots
+    again = evaluate_saved(cfg, tmp_path / "model", "test")
+    assert again[metric] == pytest.approx(metrics["test"][metric])
+
+
+def test_cli_fit_and_evaluate(cached_demo, tmp_path):
+    cfg = cached_demo()
+    common = ["--set", f"geobench_dir={cfg.geobench_dir}", "--set", f"cache_dir={cfg.cache_dir}", "--set", "img_size=64",
+              "--set", "projection_dim=128", "--set", "batch_size=8", "--set", "max_train_epochs=1"]
+    runner = CliRunner()
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["fit", "configs/demo_cls_exp.yaml", "--fuser", "gw", "--out", str(out),
+                                 "--device", "cpu", "--no-progress", *common])
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output
+    shown = runner.invoke(app, ["evaluate", str(out / "model"), "--config", "configs/demo_cls_exp.yaml",
+                                "--device", "cpu", *common])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["accuracy"] == json.loads((out / "metrics.json").read_text())["test"]["accuracy"]
+    bad = runner.invoke(app, ["fit", "configs/demo_cls_exp.yaml", "--device", "cpu", *common, "--set", "save_timesteps=[30]"])
+    assert bad.exit_code == 2 and "no timesteps ['t30']" in bad.output

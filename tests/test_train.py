@@ -1,0 +1,122 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache.batches import CacheBatches
+from pipeline.cache.reader import open_cache
+from pipeline.cache.store import CacheError
+from pipeline.fit import cached_splits, live_splits, open_split_caches
+from pipeline.model import FusionModel
+from pipeline.train import (
+    INIT_LR, WarmupCosine, criterion, feature_selection, model_config, prepare_labels, select_layers, to_device, train,
+)
+
+HELD = ["up_blocks_0_conv2_0", "up_blocks_1_attn1_0", "up_blocks_1_attn1_1", "up_blocks_1_conv2_0"]
+
+
+def test_schedule_is_the_references_per_epoch_warmup_then_cosine():
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.01)
+    sched = WarmupCosine(opt, warmup_epochs=5, max_lr=0.01, min_lr=1e-5, total_epochs=40)
+    lrs = []
+    for _ in range(42):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == INIT_LR == 2e-5
+    assert lrs[1] == pytest.approx(2e-5 + (0.01 - 2e-5) / 5)
+    assert lrs[5] == pytest.approx(0.01)
+    assert lrs[20] == pytest.approx(1e-5 + (0.01 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 15 / 35)))
+    assert lrs[40] == lrs[41] == pytest.approx(1e-5)
+
+
+def test_layer_selection_follows_the_grammar_on_cached_names():
+    assert select_layers({"up_blocks": {"attn1": "all"}}, HELD) == HELD[1:3]
+    assert select_layers({"up_blocks": {"attn1": [[1, 1]], "conv2": [[0, 0]]}}, HELD) == [HELD[0], HELD[2]]
+    with pytest.raises(CacheError, match=r"lacks layers \['up_blocks_3_attn1_0'\]; it holds"):
+        select_layers({"up_blocks": {"attn1": [[3, 0]]}}, HELD)
+
+
+def test_a_subset_of_the_cache_is_selected_and_missing_timesteps_are_named(cached_demo):
+    cfg = cached_demo(save_timesteps=[45], layer_idxs={"up_blocks": {"attn1": [], "conv2": [[1, 0], [3, 2]]}})
+    caches = open_split_caches(cfg)
+    assert feature_selection(cfg, caches["train"]) == (["t45"], ["up_blocks_1_conv2_0", "up_blocks_3_conv2_2"])
+    with pytest.raises(CacheError, match=r"no timesteps \['t30'\]; it holds \['t47', 't45', 't40'\]"):
+        feature_selection(cached_demo(save_timesteps=[30]), caches["train"])
+
+
+def test_caches_built_for_other_settings_are_refused(cached_demo):
+    with pytest.raises(CacheError, match="extraction.prompt"):
+        open_split_caches(cached_demo(prompt="A map"))
+
+
+def test_batches_read_ahead_preload_and_shuffle_per_epoch(cached_demo):
+    cache = open_cache(f"{cached_demo().cache_dir}/demo-landcover/train.zarr")
+    plain = CacheBatches(cache, 6, ["t47"], ["up_blocks_3_conv2_2"], shuffle=True, seed=3, prefetch=0)
+    ahead = CacheBatches(cache, 6, ["t47"], ["up_blocks_3_conv2_2"], shuffle=True, seed=3, prefetch=2)
+    loaded = CacheBatches(cache, 6, ["t47"], ["up_blocks_3_conv2_2"], shuffle=True, seed=3, preload=True)
+    runs = [list(b.epoch(1)) for b in (plain, ahead, loaded)]
+    for batches in runs[1:]:
+        for (f0, l0, i0), (f1, l1, i1) in zip(runs[0], batches):
+            assert np.array_equal(i0, i1) and torch.equal(l0, l1)
+            assert torch.equal(f0["t47"]["up_blocks_3_conv2_2"], f1["t47"]["up_blocks_3_conv2_2"])
+    order = lambda e: np.concatenate([i for _, _, i in plain.epoch(e)])
+    assert sorted(order(0)) == list(range(20)) and not np.array_equal(order(0), order(1))
+    assert np.array_equal(order(1), np.concatenate([i for _, _, i in runs[0]]))
+
+
+@pytest.mark.parametrize("fuser", ["gw", "lw", "moe"])
+def test_each_fuser_overfits_a_small_batch(cached_demo, fuser):
+    # Without up_blocks_0, whose maps are 1 x 1 at 64 px: GroupNorm cannot normalise a single
+    # routed image there (at 256 px they are 4 x 4).
+    cfg = cached_demo(fuser=fuser, layer_idxs={"up_blocks": {"attn1": "all", "conv2": []}})
+    caches = open_split_caches(cfg)
+    timesteps, layers = feature_selection(cfg, caches["train"])
+    torch.manual_seed(0)
+    model = FusionModel(model_config(cfg, {l: caches["train"].layer_shapes[l] for l in layers}, timesteps))
+    feats, labels, _ = next(CacheBatches(caches["train"], 16, timesteps, layers).epoch(0))
+    feats, labels = to_device(feats, "cpu"), prepare_labels(cfg.task, labels, "cpu")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = criterion(cfg.task, cfg.ignore_index)
+    for _ in range(60):
+        opt.zero_grad()
+        logits, _ = model(feats)
+        loss_fn(logits, labels).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(feats)[0].argmax(1) == labels).float().mean().item()
+    assert accuracy >= 0.95
+
+
+def test_cached_and_live_features_give_the_same_first_batch_loss(cached_demo):
+    cfg = cached_demo(fuser="gw")
+    caches = open_split_caches(cfg)
+    timesteps, layers = feature_selection(cfg, caches["train"])
+    torch.manual_seed(0)
+    model = FusionModel(model_config(cfg, {l: caches["train"].layer_shapes[l] for l in layers}, timesteps))
+    losses = []
+    for splits in (cached_splits(cfg, caches, timesteps, layers), live_splits(cfg, timesteps, layers, torch.device("cpu"))):
+        feats, labels, idx = next(splits.train(0))
+        with torch.no_grad():
+            logits, _ = model(feats)
+        losses.append((criterion(cfg.task, cfg.ignore_index)(logits, prepare_labels(cfg.task, labels, "cpu")).item(), idx))
+    assert np.array_equal(losses[0][1], losses[1][1])  # the same images in the same order
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-3)  # both are fp16 features of the same pass
+
+
+def test_training_validates_mid_epoch_returns_to_train_mode_and_stops_early(cached_demo, tmp_path):
+    cfg = cached_demo(fuser="gw", eval_every_n_steps=1, early_stopping_patience=2, max_train_epochs=50, lr=0.0)
+    caches = open_split_caches(cfg)
+    timesteps, layers = feature_selection(cfg, caches["train"])
+    torch.manual_seed(0)
+    model = FusionModel(model_config(cfg, {l: caches["train"].layer_shapes[l] for l in layers}, timesteps))
+    modes = []
+    model.register_forward_pre_hook(lambda m, args: modes.append(m.training) if torch.is_grad_enabled() else None)
+    result = train(cfg, model, cached_splits(cfg, caches, timesteps, layers), tmp_path, "cpu", progress=False)
+    # lr 0 never improves on the first validation: stop after 1 + patience validations.
+    assert result.metrics["best_step"] == 1 and len(result.history) == 3
+    assert modes == [True, True, True]  # every training step ran in train mode
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert set(result.metrics["test"]) >= {"accuracy", "macro_f1", "confusion_matrix"}
