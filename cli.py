@@ -160,7 +160,7 @@ def format_info(info: dict) -> str:
         f"cache        {info['path']}",
         f"samples      {info['done']} of {info['num_samples']} done ({ds['name']} / {ds['split']}, partition {ds['partition']})",
         f"backbone     {info['backbone']}  ({ex['mode']}, {ex['num_timesteps']} steps, {ex['precision']}, prompt {ex['prompt']!r})",
-        f"timesteps    " + ", ".join(f"{k} (UNet t={v})" for k, v in info["timesteps"].items()),
+        "timesteps    " + ", ".join(f"{k} (UNet t={v})" for k, v in info["timesteps"].items()),
         f"on disk      {info['bytes_on_disk'] / mib:.1f} MiB, {info['bytes_per_image'] / 1024:.1f} KiB per image; "
         f"features {info['feature_bytes_on_disk'] / mib:.1f} MiB of {info['feature_bytes_raw_fp16'] / mib:.1f} MiB fp16 "
         f"(ratio {info['compression_ratio']}, codec {info['codec']}, shards of {info['shard_size']})",

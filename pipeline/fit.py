@@ -8,12 +8,11 @@ model.safetensors), ``history.csv`` and the plots of ``pipeline.plots`` (PNG and
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .cache.batches import CacheBatches, batch_order
@@ -24,8 +23,9 @@ from .train import Splits, evaluate, feature_selection, model_config, train
 
 log = logging.getLogger(__name__)
 
-# What a cache must share with the experiment for its features to be the ones asked for.
-EXTRACTION_KEYS = ("mode", "num_timesteps", "prompt", "img_size", "latent", "seed")
+# What a cache must share with the experiment for its features to be the ones asked for. The
+# latent seed is not among them: training seeds vary over one cache (its own seed is recorded).
+EXTRACTION_KEYS = ("mode", "num_timesteps", "prompt", "img_size", "latent")
 
 
 def expected_request(cfg: Config, split: str) -> dict:
@@ -33,12 +33,9 @@ def expected_request(cfg: Config, split: str) -> dict:
     return {"extraction": extraction, "dataset": {"name": cfg.dataset_name, "split": split}}
 
 
-def open_split_caches(cfg: Config, cache_dir: str | None = None) -> dict[str, FeatureCache]:
-    caches = {}
-    for split in ("train", "val", "test"):
-        path = f"{(cache_dir or cfg.cache_dir).rstrip('/')}/{cfg.dataset_name}/{split}.zarr"
-        caches[split] = open_cache(path, expect=expected_request(cfg, split))
-    return caches
+def open_split_caches(cfg: Config) -> dict[str, FeatureCache]:
+    return {split: open_cache(cfg.cache_path(split), expect=expected_request(cfg, split))
+            for split in ("train", "val", "test")}
 
 
 def cached_splits(cfg: Config, caches: dict, timesteps, layers) -> Splits:
@@ -88,7 +85,9 @@ def fit(cfg: Config, out_dir: str | Path, device: str | None = None, live: bool 
     # Tiny activations turn into subnormal floats in the backward pass, which run tens of times
     # slower on CPUs; flushing them to zero changes nothing measurable and keeps steps steady.
     torch.set_flush_denormal(True)
-    caches = open_split_caches(cfg, cache_dir)
+    if cache_dir:
+        cfg = dataclasses.replace(cfg, cache_dir=cache_dir)
+    caches = open_split_caches(cfg)
     timesteps, layers = feature_selection(cfg, caches["train"])
     shapes = {l: caches["train"].layer_shapes[l] for l in layers}
     splits = live_splits(cfg, timesteps, layers, dev) if live else cached_splits(cfg, caches, timesteps, layers)
@@ -97,15 +96,17 @@ def fit(cfg: Config, out_dir: str | Path, device: str | None = None, live: bool 
     log.info("%s + %s: %d parameters, %d timesteps x %d layers, %s features", cfg.fuser, model.config.head,
              sum(p.numel() for p in model.parameters()), len(timesteps), len(layers), "live" if live else "cached")
     result = train(cfg, model, splits, out_dir, dev, progress)
+    extraction = caches["train"].request["extraction"]
     result.metrics.update(fuser=cfg.fuser, dataset=cfg.dataset_name, seed=cfg.seed, live=live,
-                          timesteps=timesteps, layers=layers)
+                          timesteps=timesteps, layers=layers, backbone=caches["train"].request["backbone"]["id"],
+                          latent_seed=extraction["seed"], precision=extraction["precision"])
     best = FusionModel.from_pretrained(out_dir / "model", dev)
-    write_outputs(cfg, out_dir, result, best, splits, dev)
+    write_outputs(out_dir, result)
     write_plots(out_dir, result, best, aux_summary(cfg, best, splits, dev))
     return result.metrics
 
 
-def write_outputs(cfg: Config, out_dir: Path, result, model, splits, device) -> None:
+def write_outputs(out_dir: Path, result) -> None:
     (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
     base = ["step", "epoch", "lr", "train_loss"]
     fields = base + sorted({k for row in result.history for k in row} - set(base))
@@ -147,8 +148,9 @@ def evaluate_saved(cfg: Config, model_dir: str | Path, split: str = "test", cach
 
     dev = resolve_device(device or cfg.device)
     model = FusionModel.from_pretrained(model_dir, dev)
-    path = f"{(cache_dir or cfg.cache_dir).rstrip('/')}/{cfg.dataset_name}/{split}.zarr"
-    cache = open_cache(path, expect=expected_request(cfg, split))
+    if cache_dir:
+        cfg = dataclasses.replace(cfg, cache_dir=cache_dir)
+    cache = open_cache(cfg.cache_path(split), expect=expected_request(cfg, split))
     batches = CacheBatches(cache, cfg.val_batch_size, model.config.timesteps, list(model.config.layer_shapes))
     output_shape = (cfg.original_img_size,) * 2 if cfg.task == "segmentation" else None
     return evaluate(model, batches.epoch(0), cfg.task, cfg.num_classes, cfg.ignore_index, output_shape, dev)

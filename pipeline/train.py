@@ -10,7 +10,6 @@ validation, and no evaluation runs before training.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -23,10 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cache.batches import CacheBatches
-from .cache.reader import FeatureCache, open_cache
+from .cache.reader import FeatureCache
 from .cache.store import CacheError
-from .config import Config, ConfigError
+from .config import Config
 from .metrics import SELECTION, Accumulator
 from .model import FusionModel, ModelConfig, parameter_count
 

@@ -187,7 +187,7 @@ def test_verify_catches_missing_truncated_and_inconsistent_data(tmp_path):
     build(root, shards=[0, 1])
     assert "2 of 10 samples are not marked done" in verify_cache(open_cache(str(root)))[0]
 
-    writer = build(root)
+    build(root)
     f = root / "done" / "c" / "1"
     f.write_bytes(f.read_bytes()[:-3])
     cache = open_cache(str(root))
