@@ -38,3 +38,19 @@ def test_cli_fit_and_evaluate(cached_demo, tmp_path):
     assert json.loads(shown.output)["accuracy"] == json.loads((out / "metrics.json").read_text())["test"]["accuracy"]
     bad = runner.invoke(app, ["fit", "configs/demo_cls_exp.yaml", "--device", "cpu", *common, "--set", "save_timesteps=[30]"])
     assert bad.exit_code == 2 and "no timesteps ['t30']" in bad.output
+
+
+def test_multi_label_fit_uses_bce_and_micro_f1(cached_demo, multilabel_root, tmp_path):
+    from pipeline.extract import Extraction
+
+    root, _ = multilabel_root
+    cfg = cached_demo(geobench_dir=str(root), dataset_name="toy-multilabel", task="multi_label_classification",
+                      num_classes=5, geobench_task="classification_v1.0/toy-multilabel", class_list=None,
+                      cache_dir=str(tmp_path / "cache"), batch_size=4, val_batch_size=4,
+                      layer_idxs={"up_blocks": {"attn1": "all", "conv2": []}})
+    extraction = Extraction(cfg)
+    for split in ("train", "val", "test"):
+        extraction.run(split, progress=False)
+    metrics = fit(cfg, tmp_path / "run", progress=False)
+    assert metrics["selection_metric"] == "micro_f1"
+    assert set(metrics["test"]) == {"micro_precision", "micro_recall", "micro_f1"}
