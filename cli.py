@@ -136,6 +136,43 @@ def evaluate(
     typer.echo(json.dumps(metrics, indent=1))
 
 
+@app.command()
+def probe(
+    cache: Annotated[str, typer.Option(help="Folder (or URL) holding the task's train.zarr, val.zarr and test.zarr.")],
+    out: Annotated[Path, typer.Option(help="Output folder for probe_map.json/.csv, heatmap.png and metrics.json.")],
+    partition: Annotated[Optional[list[str]], typer.Option(help="A '<f>x_train' partition for the label-efficiency curve (repeatable), or 'all'.")] = None,
+    seeds: Annotated[int, typer.Option(min=0, help="Random draws of each partition's size, besides the partition itself.")] = 0,
+    geobench_dir: Annotated[Optional[Path], typer.Option(help="GEO-Bench root, for partitions (default: $GEO_BENCH_DIR).")] = None,
+    jobs: Annotated[Optional[int], typer.Option(min=1, help="Probes fitted in parallel (default: settings' n_jobs).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="A probe setting: key=value, e.g. c_grid=[0.1,1] (repeatable).")] = None,
+):
+    """Probe every timestep x layer of a cache with scikit-learn; never loads the backbone."""
+    import logging
+    import os
+
+    from pipeline.probe import ProbeSettings
+    from pipeline.probing import TaskInfo, open_task_caches, run_probe
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with user_errors():
+        values = parse_overrides(set_ or [])
+        if jobs:
+            values["n_jobs"] = jobs
+        settings = ProbeSettings.from_dict(values, "--set")
+        task_dir = None
+        if partition:
+            root = geobench_dir or os.environ.get("GEO_BENCH_DIR")
+            info = TaskInfo.of(open_task_caches(cache))
+            if root and info.geobench_task:
+                task_dir = Path(root) / info.geobench_task
+        metrics = run_probe(cache, out, settings, task_dir, partition, seeds)
+    for name in ("best_layer", "best_timestep", "all"):
+        if name in metrics:
+            m = metrics[name]
+            typer.echo(f"{name:>13}: {m['timestep']} {m['layer']}: val {m['val']:.4f}, test {metrics['metric']} {m['test']:.4f}")
+    typer.echo(f"wrote {out}/probe_map.json, probe_map.csv, heatmap.png and metrics.json ({metrics['seconds']:.0f} s)")
+
+
 @cache_app.command("info")
 def cache_info(
     path: Annotated[str, typer.Argument(help="Cache path or URL (.../<split>.zarr).")],

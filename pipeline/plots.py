@@ -123,3 +123,64 @@ def _iou(plt, folder: Path, iou: list) -> None:
     fig.tight_layout()
     fig.savefig(folder / "iou.png", dpi=110)
     plt.close(fig)
+
+
+# ---- probes -------------------------------------------------------------------------------------
+
+
+def probe_heatmap(path: Path, rows: list[dict], timesteps: list[str], layers: list[str], metric: str,
+                  best=None) -> None:
+    """Test metric per timestep x layer, an "all layers" column per timestep and the all-cell below
+    it; the best single cell (by validation) is framed."""
+    plt = _pyplot()
+    table = np.full((len(timesteps) + 1, len(layers) + 1), np.nan)
+    cols = {layer: j for j, layer in enumerate(layers)} | {"all": len(layers)}
+    rows_of = {t: i for i, t in enumerate(timesteps)} | {"all": len(timesteps)}
+    for r in rows:
+        if r.get("value") is not None:
+            table[rows_of[r["timestep"]], cols[r["layer"]]] = r["value"]
+    fig, ax = plt.subplots(figsize=(0.62 * (len(layers) + 1) + 2, 0.6 * (len(timesteps) + 1) + 2.2))
+    image = ax.imshow(np.ma.masked_invalid(table), cmap="viridis", aspect="auto")
+    for i, j in zip(*np.nonzero(~np.isnan(table))):
+        ax.text(j, i, f"{table[i, j]:.2f}", ha="center", va="center", fontsize=6.5,
+                color="white" if table[i, j] < np.nanmean(table) else "black")
+    if best is not None:
+        i, j = rows_of[best.timestep], cols[best.layer]
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+    ax.axvline(len(layers) - 0.5, color="white", lw=2)
+    ax.axhline(len(timesteps) - 0.5, color="white", lw=2)
+    ax.set_xticks(range(len(layers) + 1), [l.replace("up_blocks_", "up") for l in layers] + ["all layers"],
+                  rotation=70, fontsize=7)
+    ax.set_yticks(range(len(timesteps) + 1), list(timesteps) + ["all"])
+    ax.set_title(f"probe map: test {metric} (framed: best single cell on val)")
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def label_efficiency_plot(path: Path, curve: list[dict], metric: str) -> None:
+    """Metric vs training fraction per probe: the partition's value as a line, random draws of the
+    same size as dots with their min-max range."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, probe in enumerate(dict.fromkeys(r["probe"] for r in curve)):
+        mine = [r for r in curve if r["probe"] == probe and r["value"] is not None]
+        color = f"C{k}"
+        shift = 1.04 ** (k - 1)  # side by side on the log axis, so the bars do not hide each other
+        official = sorted((r["fraction"] * shift, r["value"]) for r in mine if r["draw"] == "partition")
+        label = f"{probe} ({mine[0]['timestep']}, {mine[0]['layer']})" if mine else probe
+        if official:
+            ax.plot(*zip(*official), "o-", color=color, label=label)
+        for f in sorted({r["fraction"] for r in mine if r["draw"] != "partition"}):
+            values = [r["value"] for r in mine if r["fraction"] == f]
+            ax.vlines(f * shift, min(values), max(values), color=color, alpha=0.5)
+            ax.plot([f * shift] * len(values), values, ".", color=color, alpha=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("training fraction (GEO-Bench partition)")
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title("label efficiency (bars: partition and random draws of its size)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

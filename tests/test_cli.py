@@ -89,3 +89,45 @@ def test_help_is_fast_and_imports_no_torch():
     code = "import sys, cli; cli.app(['--help'], standalone_mode=False); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False")
+
+
+@pytest.fixture
+def synthetic_task(tmp_path):
+    """A tiny synthetic classification task cache folder (train/val/test.zarr) with one signal layer."""
+    import numpy as np
+
+    from pipeline.synthetic import write_synthetic_cache
+
+    rng = np.random.default_rng(0)
+    shapes = {"up_blocks_1_attn1_0": (6, 2, 2), "up_blocks_2_conv2_0": (4, 4, 4)}
+    for split, n in (("train", 40), ("val", 20), ("test", 20)):
+        write_synthetic_cache(str(tmp_path / "task" / f"{split}.zarr"), rng.integers(0, 3, n), ("t47", "t40"), shapes,
+                              {("t40", "up_blocks_2_conv2_0"): 3.0}, num_classes=3, shard_size=8, split=split)
+    return tmp_path / "task"
+
+
+def test_probe_prints_best_cells_and_writes_files(synthetic_task, tmp_path):
+    out = tmp_path / "probe"
+    result = runner.invoke(app, ["probe", "--cache", str(synthetic_task), "--out", str(out), "--jobs", "1",
+                                 "--set", "c_grid=[0.1,10]"])
+    assert result.exit_code == 0, result.output
+    assert "best_layer: t40 up_blocks_2_conv2_0: val 1.0000, test accuracy 1.0000" in result.output
+    assert {p.name for p in out.iterdir()} == {"probe_map.json", "probe_map.csv", "heatmap.png", "metrics.json"}
+    assert json.loads((out / "probe_map.json").read_text())["settings"]["c_grid"] == [0.1, 10.0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "c_grid=[]"], "error: --set: c_grid [] must be a list of positive numbers"),
+    (["--partition", "0.10x_train"], "error: --partition needs the task's GEO-Bench folder"),
+])
+def test_probe_user_errors_are_one_line(synthetic_task, tmp_path, args, message, monkeypatch):
+    monkeypatch.delenv("GEO_BENCH_DIR", raising=False)
+    result = runner.invoke(app, ["probe", "--cache", str(synthetic_task), "--out", str(tmp_path / "p"), *args])
+    assert result.exit_code == 2 and result.output.strip() == result.output.strip().splitlines()[0]
+    assert result.output.startswith(message), result.output
+
+
+def test_probe_of_a_missing_cache(tmp_path):
+    result = runner.invoke(app, ["probe", "--cache", str(tmp_path / "none"), "--out", str(tmp_path / "p")])
+    assert result.exit_code == 2 and result.output.startswith(f"error: --cache {tmp_path / 'none'}: ")
+    assert len(result.output.strip().splitlines()) == 1

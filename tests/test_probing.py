@@ -1,0 +1,120 @@
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.probe import ProbeError, ProbeSettings
+from pipeline.probing import (
+    TaskInfo, fraction, list_partitions, open_task_caches, partition_indices, random_draw, run_probe,
+)
+
+FAST = ProbeSettings(c_grid=(0.1, 1.0), n_jobs=2, max_iter=100, seg_pixels=8)
+
+
+@pytest.fixture(scope="module")
+def demo_caches(cached_demo, demo_root):
+    """(cache folder, GEO-Bench task folder) of both tiny demo tasks."""
+    out = {}
+    for exp in ("demo_cls", "demo_seg"):
+        cfg = cached_demo(exp)
+        task = "classification_v1.0/demo-landcover" if exp == "demo_cls" else "segmentation_v1.0/demo-landcover-seg"
+        out[exp] = (str(Path(cfg.cache_path("train")).parent), Path(demo_root) / task)
+    return out
+
+
+def partition_train_names(task_dir: Path, partition: str) -> list[str]:
+    return json.loads((task_dir / f"{partition}_partition.json").read_text())["train"]
+
+
+def test_partition_indices_select_exactly_the_partitions_samples(demo_caches):
+    cache_dir, task_dir = demo_caches["demo_cls"]
+    train = open_task_caches(cache_dir)["train"]
+    assert list_partitions(task_dir)[0] == "0.01x_train" and list_partitions(task_dir)[-1] == "1.00x_train"
+    for partition in ("0.20x_train", "0.50x_train", "1.00x_train"):
+        idx = partition_indices(task_dir, partition, train)
+        assert [train.sample_names[i] for i in idx] == partition_train_names(task_dir, partition)
+
+
+def test_task_info_comes_from_the_cache(demo_caches):
+    info = TaskInfo.of(open_task_caches(demo_caches["demo_seg"][0]))
+    assert info == TaskInfo("segmentation", 4, "demo-landcover-seg", "segmentation_v1.0/demo-landcover-seg")
+
+
+def test_random_draw_keeps_size_and_class_counts():
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    official = np.array([0, 1, 2, 50, 51, 80])
+    a, b = random_draw(official, labels, 1, True), random_draw(official, labels, 2, True)
+    for draw in (a, b):
+        assert len(set(draw)) == 6 and np.bincount(labels[draw], minlength=3).tolist() == [3, 2, 1]
+    assert not np.array_equal(a, b)
+    assert len(random_draw(official, labels, 1, False)) == 6
+
+
+def test_run_probe_writes_map_heatmap_metrics_and_curve(demo_caches, tmp_path):
+    cache_dir, task_dir = demo_caches["demo_cls"]
+    metrics = run_probe(cache_dir, tmp_path, FAST, task_dir, ["all"], seeds=1)
+    record = json.loads((tmp_path / "probe_map.json").read_text())
+    assert record["task"] == "classification" and len(record["rows"]) == 63 + 3 + 1
+    assert record["settings"]["c_grid"] == [0.1, 1.0] and record["split_sizes"] == {"train": 20, "val": 8, "test": 8}
+    with open(tmp_path / "probe_map.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 67 and {"timestep", "layer", "metric", "value", "n_train", "C"} <= set(table[0])
+    assert all(table[i]["C"] in ("0.1", "1.0") for i in range(67))
+    assert (tmp_path / "heatmap.png").stat().st_size > 10_000
+    assert metrics["best_layer"]["test"] == pytest.approx(record["best"]["best layer"]["value"], abs=1e-4)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+
+    with open(tmp_path / "label_efficiency.csv") as f:
+        curve = list(csv.DictReader(f))
+    partitions = list_partitions(task_dir)
+    sizes = {p: len(partition_train_names(task_dir, p)) for p in partitions}
+    # every partition, plus one random draw of each that is smaller than train, for 3 probes each
+    assert len(curve) == 3 * sum(1 + (sizes[p] < 20) for p in partitions)
+    for row in curve:
+        assert int(row["n_train"]) == sizes[row["partition"]] and float(row["fraction"]) == fraction(row["partition"])
+    one_sample = [r for r in curve if r["n_train"] == "1"]
+    assert one_sample and all(r["value"] == "" and "fewer than 2 classes" in r["skipped"] for r in one_sample)
+    full = [r for r in curve if r["partition"] == "1.00x_train"]
+    assert [float(r["value"]) for r in full] == pytest.approx(
+        [metrics["best_layer"]["test"], metrics["best_timestep"]["test"], metrics["all"]["test"]], abs=1e-4)
+    assert (tmp_path / "label_efficiency.png").exists()
+
+
+def test_segmentation_run_states_grid_and_pixels(demo_caches, tmp_path):
+    cache_dir, task_dir = demo_caches["demo_seg"]
+    metrics = run_probe(cache_dir, tmp_path, FAST)
+    record = json.loads((tmp_path / "probe_map.json").read_text())
+    assert metrics["metric"] == "miou" and record["settings"]["seg_grid"] == 8 and record["settings"]["seg_pixels"] == 8
+    assert record["rows"][0]["n_train_pixels"] == 20 * 8
+    assert not (tmp_path / "label_efficiency.csv").exists()
+
+
+def test_errors_name_the_input_and_the_fix(demo_caches, tmp_path):
+    cache_dir, task_dir = demo_caches["demo_cls"]
+    with pytest.raises(ProbeError, match=r"--cache .*nothing.*"):
+        open_task_caches(tmp_path / "nothing")
+    with pytest.raises(ProbeError, match="needs the task's GEO-Bench folder; pass --geobench-dir"):
+        run_probe(cache_dir, tmp_path / "out", FAST, None, ["0.10x_train"])
+    with pytest.raises(ProbeError, match=r"'0.3x_train': .* has partitions \['0.01x_train'"):
+        partition_indices(task_dir, "0.3x_train", open_task_caches(cache_dir)["train"])
+    with pytest.raises(ProbeError, match="not a training-fraction partition like '0.10x_train'"):
+        run_probe(cache_dir, tmp_path / "out", FAST, task_dir, ["default"])
+    assert not (tmp_path / "out").exists()  # refused before writing anything
+
+
+def test_a_probe_run_never_loads_the_backbone(demo_caches, tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pipeline.probe import ProbeSettings\n"
+        "from pipeline.probing import run_probe\n"
+        f"run_probe({demo_caches['demo_cls'][0]!r}, {str(tmp_path)!r}, ProbeSettings(c_grid=(1.0,), n_jobs=1))\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('diffusers', 'transformers', 'pipeline.backbone'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    assert (tmp_path / "metrics.json").exists()
