@@ -255,5 +255,6 @@ def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter,
     seconds = time.perf_counter() - started
     ledger = dict(writer.root.attrs[ATTRS_KEY]["ledger"])
     ledger["extract_seconds"] = round(ledger.get("extract_seconds", 0) + seconds, 3)
+    ledger["bytes_stored"] = sum(int(writer.root[name].nbytes_stored()) for name in writer.array_paths() + ["done"])
     writer.update_info(ledger=ledger)
     return ExtractResult(writer.path, plan.num_samples, todo, seconds, todo * passes, todo)

@@ -19,7 +19,7 @@ from .cache.writer import CacheWriter
 def write_synthetic_cache(path: str, labels: np.ndarray, timesteps: tuple[str, ...], layer_shapes: dict,
                           signal: dict | None = None, num_classes: int | None = None, shard_size: int = 64,
                           seed: int = 0, sample_names: list[str] | None = None, split: str = "train",
-                          codec: str = "blosc-lz4") -> CacheWriter:
+                          codec: str = "blosc-lz4", storage_options: dict | None = None) -> CacheWriter:
     """Write a complete cache for ``labels``: (N,) class ids, (N, K) multi-label 0/1 or (N, H, W) masks.
 
     ``signal`` maps (timestep, layer) to a strength (the class means' scale, noise has unit variance).
@@ -32,7 +32,7 @@ def write_synthetic_cache(path: str, labels: np.ndarray, timesteps: tuple[str, .
                      codec=codec)
     request = {"backbone": {"id": "synthetic"}, "extraction": {"seed": seed},
                "dataset": {"name": "synthetic", "split": split}}
-    writer = CacheWriter.create(str(path), request, plan)
+    writer = CacheWriter.create(str(path), request, plan, storage_options=storage_options)
     rng = np.random.default_rng([seed, *split.encode()])  # other noise in every split
     # Class means are drawn from their own stream so they are the same for every split of a seed.
     means = {cell: np.random.default_rng([seed, i]).normal(size=(num_classes, layer_shapes[cell[1]][0]))

@@ -158,6 +158,7 @@ def train(cfg: Config, model: FusionModel, splits: Splits, out_dir: Path, device
         return evaluate(model, batches, task, cfg.num_classes, cfg.ignore_index, output_shape, device)
 
     best, best_step, stale, step, history = -math.inf, 0, 0, 0, []
+    seen = 0  # training images through the model, for the cost ledger
     best_dir = out_dir / "model"
     started = time.perf_counter()
     epoch = 0
@@ -166,6 +167,7 @@ def train(cfg: Config, model: FusionModel, splits: Splits, out_dir: Path, device
         bar = tqdm(splits.train(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
         for feats, labels, _ in bar:
             step += 1
+            seen += len(labels)
             opt.zero_grad()
             logits, aux = model(to_device(feats, device), output_shape)
             loss = loss_fn(logits, prepare_labels(task, labels, device))
@@ -200,5 +202,5 @@ def train(cfg: Config, model: FusionModel, splits: Splits, out_dir: Path, device
     val = evaluate(best_model, splits.val(0), task, cfg.num_classes, cfg.ignore_index, output_shape, device)
     test = evaluate(best_model, splits.test(0), task, cfg.num_classes, cfg.ignore_index, output_shape, device)
     metrics = {"selection_metric": select, "best_step": best_step, "epochs_run": epoch + 1, "val": val, "test": test,
-               "train_seconds": round(seconds, 2), "parameters": parameter_count(model)}
+               "train_seconds": round(seconds, 2), "parameters": parameter_count(model), "train_images_seen": seen}
     return FitResult(out_dir, metrics, history, epoch + 1, seconds)

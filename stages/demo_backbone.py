@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from pipeline.backbone.demo import build_demo_backbone
-from stages import params
+from stages import params, run
 
 
 def main() -> None:
@@ -12,4 +12,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

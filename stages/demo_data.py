@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from pipeline.data.demo import build_demo_tasks
-from stages import params
+from stages import params, run
 
 
 def main() -> None:
@@ -12,4 +12,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

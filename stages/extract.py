@@ -9,7 +9,7 @@ import logging
 
 from pipeline.config import load_config
 from pipeline.extract import extract_split
-from stages import params
+from stages import params, run
 
 
 def main(argv=None) -> None:
@@ -25,4 +25,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -5,7 +5,7 @@ import logging
 
 from pipeline.config import load_config
 from pipeline.fit import fit
-from stages import params
+from stages import params, run
 
 
 def main(argv=None) -> None:
@@ -22,4 +22,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -5,7 +5,7 @@ import logging
 
 from pipeline.probe import ProbeSettings
 from pipeline.probing import TaskInfo, open_task_caches, run_probe
-from stages import params
+from stages import params, run
 
 
 def main(argv=None) -> None:
@@ -28,4 +28,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -20,6 +20,11 @@ def test_fit_writes_metrics_model_and_plots(cached_demo, tmp_path, exp, fuser, m
     assert ({"iou.png", "iou.csv"} if metric == "miou" else {"confusion.png", "confusion.csv"}) <= plots
     again = evaluate_saved(cfg, tmp_path / "model", "test")
     assert again[metric] == pytest.approx(metrics["test"][metric])
+    # 20 training images once, one validation of 8 during training and one of the best model, test's 8:
+    # the reference runs the 10 UNet passes of the inversion for each; a cached fit runs none.
+    assert metrics["ledger"] == {"epochs": 1, "val_evaluations": 1, "images_through_backbone": 0, "unet_passes": 0,
+                                 "vae_passes": 0, "reference_unet_passes": 10 * (20 + 2 * 8 + 8),
+                                 "reference_vae_passes": 20 + 2 * 8 + 8, "unet_passes_per_image": 10}
 
 
 def test_cli_fit_and_evaluate(cached_demo, tmp_path):
