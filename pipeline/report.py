@@ -40,7 +40,7 @@ def cache_ledgers(cache_root: Path) -> list[dict]:
 
 def fit_rows(exp_root: Path) -> list[dict]:
     rows = []
-    for path in sorted(exp_root.glob("*/*/metrics.json")):
+    for path in sorted(exp_root.glob("**/metrics.json")):
         m = json.loads(path.read_text())
         metric = m["selection_metric"]
         ledger = m.get("ledger", {})
