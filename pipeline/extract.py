@@ -84,6 +84,8 @@ class ExtractResult:
     seconds: float
     unet_passes: int
     vae_passes: int
+    write_seconds: float = 0.0  # spent writing shards, in the background thread
+    write_wait_seconds: float = 0.0  # of which the computation waited for (the write's real cost)
 
     @property
     def images_per_second(self) -> float:
@@ -209,8 +211,10 @@ def _batches(plan: CachePlan, shards: list[int], batch_size: int) -> list[list[i
     return out
 
 
-def _write_and_count(writer: CacheWriter, shard: int, arrays: dict, passes_per_image: int) -> None:
-    """Write a shard, then add its work to the cache's ledger (so a killed run still counts)."""
+def _write_and_count(writer: CacheWriter, shard: int, arrays: dict, passes_per_image: int) -> float:
+    """Write a shard, then add its work to the cache's ledger (so a killed run still counts); returns
+    the seconds it took."""
+    start = time.perf_counter()
     writer.write_shard(shard, arrays)
     n = len(arrays["latents"])
     ledger = dict(writer.root.attrs[ATTRS_KEY].get("ledger", {}))
@@ -218,6 +222,7 @@ def _write_and_count(writer: CacheWriter, shard: int, arrays: dict, passes_per_i
     ledger["vae_passes"] = ledger.get("vae_passes", 0) + n
     ledger["images_extracted"] = ledger.get("images_extracted", 0) + n
     writer.update_info(ledger=ledger)
+    return time.perf_counter() - start
 
 
 def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter, progress: bool) -> ExtractResult:
@@ -233,6 +238,7 @@ def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter,
     shard_iter = iter(shards)
     shard = next(shard_iter)
     started = time.perf_counter()
+    write_seconds = wait_seconds = 0.0
     # One shard is written in the background while the next is computed; waiting for it before
     # handing over the next keeps memory at two shards.
     with tqdm(total=todo, desc=f"extract {writer.path}", unit="img", disable=not progress) as bar, \
@@ -246,15 +252,19 @@ def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter,
             start, stop = plan.shard_range(shard)
             if len(names) == stop - start:
                 if pending is not None:
-                    pending.result()
+                    waited = time.perf_counter()
+                    write_seconds += pending.result()
+                    wait_seconds += time.perf_counter() - waited
                 pending = background.submit(_write_and_count, writer, shard, _shard_arrays(parts, labels, names), passes)
                 parts, labels, names = [], [], []
                 shard = next(shard_iter, None)
         if pending is not None:
-            pending.result()
+            waited = time.perf_counter()
+            write_seconds += pending.result()
+            wait_seconds += time.perf_counter() - waited
     seconds = time.perf_counter() - started
     ledger = dict(writer.root.attrs[ATTRS_KEY]["ledger"])
     ledger["extract_seconds"] = round(ledger.get("extract_seconds", 0) + seconds, 3)
     ledger["bytes_stored"] = sum(int(writer.root[name].nbytes_stored()) for name in writer.array_paths() + ["done"])
     writer.update_info(ledger=ledger)
-    return ExtractResult(writer.path, plan.num_samples, todo, seconds, todo * passes, todo)
+    return ExtractResult(writer.path, plan.num_samples, todo, seconds, todo * passes, todo, write_seconds, wait_seconds)

@@ -159,13 +159,21 @@ def train(cfg: Config, model: FusionModel, splits: Splits, out_dir: Path, device
 
     best, best_step, stale, step, history = -math.inf, 0, 0, 0, []
     seen = 0  # training images through the model, for the cost ledger
+    data_wait = 0.0
     best_dir = out_dir / "model"
     started = time.perf_counter()
     epoch = 0
     model.train()
     for epoch in range(cfg.max_train_epochs):
         bar = tqdm(splits.train(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
-        for feats, labels, _ in bar:
+        batches = iter(bar)
+        while True:
+            waited = time.perf_counter()
+            batch = next(batches, None)  # the time spent here is time the model waited for data
+            data_wait += time.perf_counter() - waited
+            if batch is None:
+                break
+            feats, labels, _ = batch
             step += 1
             seen += len(labels)
             opt.zero_grad()
@@ -202,5 +210,6 @@ def train(cfg: Config, model: FusionModel, splits: Splits, out_dir: Path, device
     val = evaluate(best_model, splits.val(0), task, cfg.num_classes, cfg.ignore_index, output_shape, device)
     test = evaluate(best_model, splits.test(0), task, cfg.num_classes, cfg.ignore_index, output_shape, device)
     metrics = {"selection_metric": select, "best_step": best_step, "epochs_run": epoch + 1, "val": val, "test": test,
-               "train_seconds": round(seconds, 2), "parameters": parameter_count(model), "train_images_seen": seen}
+               "train_seconds": round(seconds, 2), "parameters": parameter_count(model), "train_images_seen": seen,
+               "data_wait_seconds": round(data_wait, 3)}
     return FitResult(out_dir, metrics, history, epoch + 1, seconds)

@@ -1,0 +1,95 @@
+"""Cache I/O per codec: bytes per image, ratio, write speed, a shuffled epoch's read speed through
+the training read path, against reading the same bytes raw from disk.
+
+    python bench/cache_io.py [--cache cache/demo-landcover/train.zarr] [--batch 32]
+
+Rewrites the cache's arrays with each codec (the cache layout: one chunk per image, sharded), then
+reads one epoch of every feature map in shuffled batches with ``CacheBatches`` (the fit's read path,
+read-ahead on, preload off), and the same float16 bytes stored as one raw ``.npy`` file per array,
+read whole with ``np.fromfile``. Both reads follow a write, so both come mostly from the page
+cache; the ratio compares decoding and zarr's per-chunk work with a plain read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from pipeline.cache.batches import CacheBatches  # noqa: E402
+from pipeline.cache.layout import feature_path  # noqa: E402
+from pipeline.cache.reader import open_cache  # noqa: E402
+from pipeline.cache.writer import CacheWriter  # noqa: E402
+
+
+def copy_with_codec(source, path: str, codec: str) -> float:
+    plan = dataclasses.replace(source.plan, codec=codec)
+    writer = CacheWriter.create(path, source.request, plan)
+    names = writer.array_paths()
+    seconds = 0.0
+    for shard in range(plan.num_shards):
+        rows = slice(*plan.shard_range(shard))
+        arrays = {name: source.root[name][rows] for name in names}
+        start = time.perf_counter()
+        writer.write_shard(shard, arrays)
+        seconds += time.perf_counter() - start
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", default="cache/demo-landcover/train.zarr")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--codecs", nargs="+", default=["blosc-lz4", "blosc-zstd", "zstd", "none"])
+    args = parser.parse_args()
+    if not os.path.exists(args.cache):
+        sys.exit(f"error: --cache {args.cache} does not exist; run `make demo` (or `satdifuser extract`) first")
+    source = open_cache(args.cache)
+    n, plan = len(source), source.plan
+    feats = [feature_path(t, l) for t in plan.timesteps for l in plan.layer_shapes]
+    fp16 = sum(source.root[f].nbytes for f in feats)
+    print(f"{args.cache}: {n} images, {len(feats)} feature arrays, {fp16 / 2**20:.1f} MiB float16 "
+          f"({2 * fp16 / 2**20:.1f} MiB as float32)")
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.cache))) as tmp:
+        raw_dir = os.path.join(tmp, "raw")
+        os.makedirs(raw_dir)
+        start = time.perf_counter()
+        for i, f in enumerate(feats):
+            source.root[f][...].tofile(os.path.join(raw_dir, f"{i}.bin"))
+        raw_write = fp16 / (time.perf_counter() - start) / 1e6
+        start = time.perf_counter()
+        for i, f in enumerate(feats):
+            np.fromfile(os.path.join(raw_dir, f"{i}.bin"), dtype=np.float16)
+        raw_read = fp16 / (time.perf_counter() - start) / 1e6
+        print(f"{'raw .bin files':>12}: write {raw_write:6.0f} MB/s, read {raw_read:6.0f} MB/s (the limit)")
+        results = {}
+        for codec in args.codecs:
+            path = os.path.join(tmp, f"{codec}.zarr")
+            write_s = copy_with_codec(source, path, codec)
+            cache = open_cache(path)
+            stored = sum(int(cache.root[f].nbytes_stored()) for f in feats)
+            total = sum(int(cache.root[a].nbytes_stored()) for a in CacheWriter(cache.root, path, cache.plan).array_paths())
+            batches = CacheBatches(cache, args.batch, shuffle=True, seed=0)
+            start = time.perf_counter()
+            for _ in batches.epoch(0):
+                pass
+            read = fp16 / (time.perf_counter() - start) / 1e6
+            results[codec] = (stored, read)
+            print(f"{codec:>12}: {total / n / 1024:7.1f} KiB/image, ratio {fp16 / stored:.3f} vs fp16, "
+                  f"{2 * fp16 / stored:.3f} vs fp32; write {fp16 / write_s / 1e6:5.0f} MB/s; shuffled epoch read "
+                  f"{read:5.0f} MB/s = {read / raw_read:.3f} x raw")
+    default = results.get("blosc-lz4") or next(iter(results.values()))
+    print(f"RESULT raw_read_mb_s={raw_read:.0f} " + " ".join(
+        f"{c}_ratio_fp32={2 * fp16 / s:.3f} {c}_read_mb_s={r:.0f} {c}_read_vs_raw={r / raw_read:.3f}" for c, (s, r) in results.items())
+        + f" default_read_vs_raw={default[1] / raw_read:.3f}")
+
+
+if __name__ == "__main__":
+    main()
