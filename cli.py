@@ -150,7 +150,7 @@ def probe(
     import logging
     import os
 
-    from pipeline.probe import ProbeSettings
+    from pipeline.probe import ProbeError, ProbeSettings
     from pipeline.probing import TaskInfo, open_task_caches, run_probe
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -163,7 +163,9 @@ def probe(
         if partition:
             root = geobench_dir or os.environ.get("GEO_BENCH_DIR")
             info = TaskInfo.of(open_task_caches(cache))
-            if root and info.geobench_task:
+            if root and not info.geobench_task:
+                raise ProbeError(f"--partition: {cache} records no GEO-Bench task folder, so its partitions cannot be found")
+            if root:
                 task_dir = Path(root) / info.geobench_task
         metrics = run_probe(cache, out, settings, task_dir, partition, seeds)
     for name in ("best_layer", "best_timestep", "all"):

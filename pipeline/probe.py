@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .cache.reader import FeatureCache
 from .errors import UserError
-from .metrics import SELECTION, confusion, segmentation_metrics
+from .metrics import confusion, segmentation_metrics
 
 ALL = "all"
 
@@ -57,14 +57,22 @@ class ProbeSettings:
         out = dict(values)
         if "c_grid" in out:
             grid = out["c_grid"] if isinstance(out["c_grid"], (list, tuple)) else [out["c_grid"]]
-            if not grid or not all(isinstance(c, (int, float)) and c > 0 for c in grid):
+            if not grid or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in grid):
                 raise ProbeError(f"{source}: c_grid {out['c_grid']!r} must be a list of positive numbers")
             out["c_grid"] = tuple(float(c) for c in grid)
+        def integer(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
         for key in ("knn_k", "max_iter", "n_jobs", "seg_pixels", "seg_eval_pixels"):
             if key == "seg_eval_pixels" and out.get(key) is None:
                 continue
-            if key in out and not (isinstance(out[key], int) and out[key] > 0):
+            if key in out and not (integer(out[key]) and out[key] > 0):
                 raise ProbeError(f"{source}: {key} {out[key]!r} must be a positive integer")
+        for key in ("tol", "max_gb"):
+            if key in out and not (isinstance(out[key], (int, float)) and not isinstance(out[key], bool) and out[key] > 0):
+                raise ProbeError(f"{source}: {key} {out[key]!r} must be a positive number")
+        if "seed" in out and not (integer(out["seed"]) and out["seed"] >= 0):
+            raise ProbeError(f"{source}: seed {out['seed']!r} must be a non-negative integer")
         if out.get("seg_grid") is not None and not (isinstance(out["seg_grid"], int) and out["seg_grid"] > 0):
             raise ProbeError(f"{source}: seg_grid {out['seg_grid']!r} must be a positive integer or null")
         return cls(**out)
@@ -332,4 +340,4 @@ def settings_dict(settings: ProbeSettings, grid: int | None = None) -> dict:
     return d
 
 
-__all__ = ["ALL", "Cell", "Probe", "ProbeError", "ProbeSettings", "SELECTION", "best_cells", "map_cells", "probe_map"]
+__all__ = ["ALL", "Cell", "Probe", "ProbeError", "ProbeSettings", "best_cells", "map_cells", "probe_map"]

@@ -19,6 +19,7 @@ import numpy as np
 
 from .cache.reader import FeatureCache, open_cache
 from .cache.store import CacheError
+from .metrics import SELECTION
 from .probe import ALL, Cell, Probe, ProbeError, ProbeSettings, best_cells, settings_dict
 
 log = logging.getLogger(__name__)
@@ -78,19 +79,25 @@ def fraction(partition: str) -> float:
     return float(m.group(1))
 
 
-def list_partitions(task_dir: Path) -> list[str]:
-    """The task's ``<f>x_train`` partitions, smallest fraction first (read with geobench's loader)."""
+def _dataset(task_dir: Path):
     from geobench.dataset import GeobenchDataset
 
-    names = [p for p in GeobenchDataset(task_dir).list_partitions() if PARTITION.match(p)]
+    try:
+        return GeobenchDataset(task_dir)
+    except (ValueError, FileNotFoundError) as err:  # no such folder, or no default_partition.json
+        raise ProbeError(f"{task_dir} is not a GEO-Bench task folder ({err}); check --geobench-dir") from None
+
+
+def list_partitions(task_dir: Path) -> list[str]:
+    """The task's ``<f>x_train`` partitions, smallest fraction first (read with geobench's loader)."""
+
+    names = [p for p in _dataset(task_dir).list_partitions() if PARTITION.match(p)]
     return sorted(names, key=fraction)
 
 
 def partition_indices(task_dir: Path, partition: str, train: FeatureCache) -> np.ndarray:
     """Row indices into the train cache of a partition's training samples, in the partition's order."""
-    from geobench.dataset import GeobenchDataset
-
-    dataset = GeobenchDataset(task_dir)
+    dataset = _dataset(task_dir)
     if partition not in dataset.list_partitions():
         raise ProbeError(f"--partition {partition!r}: {task_dir} has partitions {sorted(dataset.list_partitions())}")
     names = dataset.load_partition(partition).partition_dict["train"]
@@ -134,8 +141,11 @@ def run_probe(cache_dir: str | Path, out_dir: str | Path, settings: ProbeSetting
         partitions = list_partitions(Path(task_dir))
         if not partitions:
             raise ProbeError(f"{task_dir} has no '<f>x_train' partitions")
+    # Every partition is resolved to train-cache rows before any probe runs, so a bad name fails early.
+    resolved = {}
     for p in partitions or []:
         fraction(p)
+        resolved[p] = partition_indices(Path(task_dir), p, caches["train"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -159,7 +169,7 @@ def run_probe(cache_dir: str | Path, out_dir: str | Path, settings: ProbeSetting
     metrics = {"task": info.kind, "metric": rows[0]["metric"], "seconds": record["seconds"],
                **{k.replace(" ", "_"): _brief(r) for k, r in record["best"].items()}}
     if partitions:
-        curve = label_efficiency(probe, caches["train"], Path(task_dir), partitions, best, seeds, rows)
+        curve = label_efficiency(probe, caches["train"], resolved, best, seeds, rows)
         _write_curve(out_dir, curve, rows[0]["metric"])
         metrics["label_efficiency"] = {f"{r['partition']}/{r['probe'].replace(' ', '_')}": round(r["value"], 4)
                                        for r in curve if r["draw"] == "partition" and r["value"] is not None}
@@ -167,15 +177,15 @@ def run_probe(cache_dir: str | Path, out_dir: str | Path, settings: ProbeSetting
     return metrics
 
 
-def label_efficiency(probe: Probe, train: FeatureCache, task_dir: Path, partitions: list[str], best: dict,
+def label_efficiency(probe: Probe, train: FeatureCache, partitions: dict[str, np.ndarray], best: dict,
                      seeds: int = 0, map_rows: list[dict] | None = None) -> list[dict]:
-    """The best cells probed on each partition (and on ``seeds`` random draws of its size). A partition
-    of the whole train split takes its rows from ``map_rows`` (the map's probes on the same samples)."""
+    """The best cells probed on each partition (name -> its train-cache rows) and on ``seeds`` random
+    draws of its size. A partition of the whole train split takes its rows from ``map_rows`` (the
+    map's probes on the same samples)."""
     single_label = probe.task == "classification"
     train_labels = train.labels(range(len(train))).numpy() if single_label else np.zeros(len(train))
     out = []
-    for partition in partitions:
-        official = partition_indices(task_dir, partition, train)
+    for partition, official in partitions.items():
         draws = [("partition", official)]
         if len(official) < len(train):  # a draw of every sample is the partition again
             draws += [(f"seed {s}", random_draw(official, train_labels, s, single_label)) for s in range(1, seeds + 1)]
@@ -183,7 +193,7 @@ def label_efficiency(probe: Probe, train: FeatureCache, task_dir: Path, partitio
             if map_rows and len(indices) == len(train) and np.array_equal(np.sort(indices), np.arange(len(train))):
                 rows = [_find(map_rows, cell) for cell in best.values()]
             else:
-                rows = _probe_subset(probe, train, indices, list(best.values()))
+                rows = _probe_subset(probe, indices, list(best.values()))
             for name, row in zip(best, rows):
                 out.append({"partition": partition, "fraction": fraction(partition), "draw": draw, "probe": name,
                             "timestep": row["timestep"], "layer": row["layer"], "n_train": len(indices),
@@ -193,15 +203,13 @@ def label_efficiency(probe: Probe, train: FeatureCache, task_dir: Path, partitio
     return out
 
 
-def _probe_subset(probe: Probe, train: FeatureCache, indices: np.ndarray, cells: list[Cell]) -> list[dict]:
-    if probe.task != "multi_label_classification" and len(np.unique(train.labels(indices).numpy())) < 2:
-        return [{"timestep": c.timestep, "layer": c.layer, "metric": _metric(probe.task), "value": None,
+def _probe_subset(probe: Probe, indices: np.ndarray, cells: list[Cell]) -> list[dict]:
+    # The labels the probe trains on: for segmentation the sampled grid pixels, not the masks.
+    trained_on = probe.splits["train"].subset(indices).labels(probe.num_classes)
+    if probe.task != "multi_label_classification" and len(np.unique(trained_on)) < 2:
+        return [{"timestep": c.timestep, "layer": c.layer, "metric": SELECTION[probe.task], "value": None,
                  "skipped": "fewer than 2 classes in this training set"} for c in cells]
     return probe.run(cells, train_indices=indices)
-
-
-def _metric(kind: str) -> str:
-    return {"classification": "accuracy", "multi_label_classification": "micro_f1", "segmentation": "miou"}[kind]
 
 
 def _find(rows, cell: Cell) -> dict:

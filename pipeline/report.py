@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from .cache.reader import open_cache
+from .cache.store import CacheError
 
 COLUMNS = ["task", "kind", "fuser", "seed", "partition", "metric", "value", "unet_passes", "reference_unet_passes"]
 
@@ -24,7 +25,7 @@ def cache_ledgers(cache_root: Path) -> list[dict]:
     for path in sorted(cache_root.glob("*/*.zarr")):
         try:
             cache = open_cache(str(path))
-        except Exception:  # not a cache (or an unfinished one): nothing was spent that can be counted
+        except CacheError:  # not a cache: nothing was spent that can be counted
             continue
         ledger = cache.attrs.get("ledger", {})
         if "bytes_stored" not in ledger:  # caches written before the ledger counted bytes

@@ -21,7 +21,8 @@ def main(argv=None) -> None:
     if isinstance(partitions, str):  # "all"
         partitions = [partitions]
     info = TaskInfo.of(open_task_caches(args.cache))
-    metrics = run_probe(args.cache, args.out, settings, f"{args.geobench_dir}/{info.geobench_task}",
+    task_dir = f"{args.geobench_dir}/{info.geobench_task}" if info.geobench_task else None
+    metrics = run_probe(args.cache, args.out, settings, task_dir,
                         partitions, int(p.get("seeds", 0)))
     best = metrics["best_layer"]
     print(f"{args.out}: best layer {best['timestep']} {best['layer']}, test {metrics['metric']} {best['test']:.4f}")

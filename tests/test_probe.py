@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score, jaccard_score
 
@@ -160,6 +161,9 @@ def test_memory_guard_names_the_settings_to_lower(seg_caches):
     ({"c_grid": [1, -1]}, "c_grid"),
     ({"seg_pixels": 0}, "seg_pixels 0 must be a positive integer"),
     ({"cgrid": [1]}, r"unknown keys \['cgrid'\]"),
+    ({"max_gb": "abc"}, "max_gb 'abc' must be a positive number"),
+    ({"seed": -1}, "seed -1 must be a non-negative integer"),
+    ({"knn_k": True}, "knn_k True must be a positive integer"),
 ])
 def test_settings_are_checked_up_front(values, message):
     with pytest.raises(ProbeError, match=message):
@@ -169,3 +173,39 @@ def test_settings_are_checked_up_front(values, message):
 def test_settings_from_dict():
     s = ProbeSettings.from_dict({"c_grid": [0.5, 2], "seg_eval_pixels": None, "seg_pixels": 16})
     assert s.c_grid == (0.5, 2.0) and s.seg_pixels == 16 and s.seg_eval_pixels is None
+
+
+def test_the_first_c_is_kept_when_it_is_best_on_validation(tmp_path):
+    # Labels 80 % one class, features pure noise: a strong penalty predicts the majority class
+    # (val 0.8), a weak one fits the noise and does worse; the ascending grid must keep the first.
+    rng = np.random.default_rng(3)
+    labels = {s: np.where(rng.random(n) < 0.8, 0, rng.integers(1, 4, n)) for s, n in (("train", 64), ("val", 40), ("test", 40))}
+    caches = make_caches(tmp_path, labels, strength=0.0)
+    row = Probe(caches, "classification", 4, ProbeSettings(c_grid=(1e-4, 100.0), n_jobs=1)).run([Cell("t47", "up_blocks_1_attn1_0")])[0]
+    assert row["C"] == 1e-4 and row["val"] == pytest.approx(np.mean(labels["val"] == 0))
+
+
+def test_grid_labels_are_the_majority_not_a_corner(tmp_path):
+    # Each 4 x 4 block: 9 pixels of class 1, 7 (its top-left corner among them) of class 2.
+    block = np.ones((4, 4), dtype=np.uint8)
+    block[:2, :3] = 2
+    block[2, 0] = 2
+    masks = np.tile(block, (3, 2, 2))  # 3 images of 8 x 8, four blocks each
+    caches = make_caches(tmp_path, {s: masks for s in ("train", "val", "test")}, shapes={"up_blocks_2_attn1_0": (4, 2, 2)},
+                         signal=("t45", "up_blocks_2_attn1_0"))
+    labels = Probe(caches, "segmentation", 4, ProbeSettings(n_jobs=1)).splits["test"].labels(4)
+    assert block.sum() == 9 * 1 + 7 * 2 and labels.tolist() == [1] * 12
+
+
+def test_segmentation_subset_takes_those_images_pixels(seg_caches):
+    probe = Probe(seg_caches, "segmentation", 4, ProbeSettings(seg_pixels=8, n_jobs=1))
+    full, idx = probe.splits["train"], np.array([3, 0, 17])
+    view = full.subset(idx)
+    layer = "up_blocks_3_conv2_0"
+    np.testing.assert_array_equal(view.part("t47", layer), full.part("t47", layer).reshape(32, 8, -1)[idx].reshape(24, -1))
+    np.testing.assert_array_equal(view.labels(4), full.labels(4).reshape(32, 8)[idx].reshape(-1))
+    # and those rows are the maps of exactly those images, resized to the grid, at their sampled pixels
+    maps = seg_caches["train"].features(idx, ["t47"], [layer])["t47"][layer].float()
+    grid = torch.nn.functional.interpolate(maps, size=(8, 8), mode="bilinear", align_corners=False).flatten(2)
+    expected = np.stack([grid[i][:, full._pixels[j]].T.numpy() for i, j in enumerate(idx)]).reshape(24, -1)
+    np.testing.assert_allclose(view.part("t47", layer), expected, rtol=1e-6)

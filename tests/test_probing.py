@@ -101,6 +101,10 @@ def test_errors_name_the_input_and_the_fix(demo_caches, tmp_path):
         partition_indices(task_dir, "0.3x_train", open_task_caches(cache_dir)["train"])
     with pytest.raises(ProbeError, match="not a training-fraction partition like '0.10x_train'"):
         run_probe(cache_dir, tmp_path / "out", FAST, task_dir, ["default"])
+    with pytest.raises(ProbeError, match=r"'0.3x_train': .* has partitions"):  # before any probe is fitted
+        run_probe(cache_dir, tmp_path / "out", FAST, task_dir, ["0.10x_train", "0.3x_train"])
+    with pytest.raises(ProbeError, match=r"is not a GEO-Bench task folder .*; check --geobench-dir"):
+        run_probe(cache_dir, tmp_path / "out", FAST, tmp_path / "nowhere", ["all"])
     assert not (tmp_path / "out").exists()  # refused before writing anything
 
 
