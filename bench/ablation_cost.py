@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -72,6 +73,7 @@ def main() -> None:
                   f"{seconds['live'] / seconds['memory']:5.2f}x  I/O overhead {100 * io:+5.1f} %  "
                   f"live/(cached+extraction) {with_extract:4.2f}x  data wait: cached {100 * wait['cached']:.1f} %, "
                   f"memory {100 * wait['memory']:.1f} % of training", flush=True)
+    shutil.rmtree(tmp)
     summary = " ".join(f"{f}_E{e}_ratio={r:.2f} {f}_E{e}_memory_ratio={s['live'] / s['memory']:.2f} {f}_E{e}_io={io:.3f} "
                        f"{f}_E{e}_wait={w['cached']:.3f}" for f, e, s, r, io, _, w in rows)
     print(f"RESULT extract_s={extract_s:.1f} {summary}")
