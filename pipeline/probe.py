@@ -17,6 +17,8 @@ segmentation probes its maps.
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -184,7 +186,8 @@ def seg_grid(cache: FeatureCache, settings: ProbeSettings) -> int:
 
 
 def _logistic(X_tr, y_tr, X_va, y_va, settings: ProbeSettings, score, one_vs_rest: bool = False):
-    """Standardise, fit one model per C (each warm-started from the last), keep the best on val."""
+    """Standardise, fit one model per C, keep the best on val. Single-label fits are warm-started from
+    the previous C; one-vs-rest refits from scratch (it clones its estimator on every fit)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
     from sklearn.preprocessing import StandardScaler
@@ -199,14 +202,8 @@ def _logistic(X_tr, y_tr, X_va, y_va, settings: ProbeSettings, score, one_vs_res
         model.fit(X_tr, y_tr)
         val = score(y_va, model, X_va)
         if best is None or val > best[1]:
-            best = (c, val, _snapshot(model))
+            best = (c, val, copy.deepcopy(model))
     return scaler, best
-
-
-def _snapshot(model):
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def _accuracy(y, model, X) -> float:
