@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 
 import numpy as np
@@ -9,14 +12,31 @@ import torch
 from torch.utils.data import Dataset
 
 from .layout import ATTRS_KEY, FORMAT_VERSION, CachePlan, feature_path, pooled_path, trajectory_path
+from .shards import ShardReader
 from .store import CacheError, CacheMismatch, differences, open_root
 
+# Feature maps of one batch are read an array per thread: file reads and blosc/zstd decoding
+# release the GIL, so this scales with cores when maps are large.
+READ_THREADS = min(8, os.cpu_count() or 1)
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
-def open_cache(path: str, storage_options: dict | None = None, expect: dict | None = None) -> "FeatureCache":
+
+def _read_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="cache-read")
+        return _pool
+
+
+def open_cache(path: str, storage_options: dict | None = None, expect: dict | None = None,
+               direct_reads: bool = True) -> "FeatureCache":
     """Open a cache read-only; with ``expect``, refuse one built for another request.
 
     ``expect`` is a partial request, e.g. ``{"backbone": {"id": ...}, "extraction": {...}}``:
-    only the keys it names are compared.
+    only the keys it names are compared. ``direct_reads`` reads feature maps of a local cache
+    straight from its shard files (``shards.ShardReader``); off, every read goes through zarr.
     """
     try:
         root = open_root(path, "r", storage_options)
@@ -32,7 +52,7 @@ def open_cache(path: str, storage_options: dict | None = None, expect: dict | No
             f"cache {path} has format version {attrs.get('format_version')}, this version reads "
             f"{FORMAT_VERSION}; rebuild it with `satdifuser extract --overwrite`"
         )
-    cache = FeatureCache(root, path, attrs)
+    cache = FeatureCache(root, path, attrs, direct_reads)
     if expect:
         cache.check(expect)
     return cache
@@ -44,11 +64,13 @@ def _subset(request: dict, expect: dict) -> dict:
 
 
 class FeatureCache:
-    def __init__(self, root, path: str, attrs: dict):
+    def __init__(self, root, path: str, attrs: dict, direct_reads: bool = True):
         self.root = root
         self.path = path
         self.attrs = attrs
         self.plan = CachePlan.from_attrs(attrs["plan"])
+        self.direct_reads = direct_reads
+        self._readers: dict[str, ShardReader | None] = {}
 
     # --- what it holds -----------------------------------------------------------------------
     @property
@@ -115,6 +137,11 @@ class FeatureCache:
                 f"cache {self.path} is incomplete: {int((~self.done[idx]).sum())} of the requested samples "
                 "are not extracted yet; run `satdifuser extract` again to resume"
             )
+        if self.direct_reads:
+            if name not in self._readers:
+                self._readers[name] = ShardReader.for_array(self.root[name])
+            if self._readers[name] is not None:
+                return self._readers[name].read(idx)
         array = self.root[name]
         if idx.size and np.all(np.diff(idx) == 1):
             return array[int(idx[0]) : int(idx[-1]) + 1]  # contiguous: one slice, whole shards
@@ -123,7 +150,12 @@ class FeatureCache:
     def features(self, indices, timesteps=None, layers=None) -> dict[str, dict[str, torch.Tensor]]:
         """``{timestep: {layer: (B, C, H, W) float16 tensor}}``; unselected arrays are not read."""
         timesteps, layers = self._select(timesteps, layers)
-        return {t: {l: torch.from_numpy(self._rows(feature_path(t, l), indices)) for l in layers} for t in timesteps}
+        keys = [(t, l) for t in timesteps for l in layers]
+        self.done  # read the flags once, before the threads need them
+        read = lambda key: torch.from_numpy(self._rows(feature_path(*key), indices))  # noqa: E731
+        parallel = READ_THREADS > 1 and len(keys) > 1
+        maps = dict(zip(keys, _read_pool().map(read, keys) if parallel else map(read, keys)))
+        return {t: {l: maps[t, l] for l in layers} for t in timesteps}
 
     def pooled(self, indices, timesteps=None, layers=None) -> dict[str, dict[str, torch.Tensor]]:
         timesteps, layers = self._select(timesteps, layers)
