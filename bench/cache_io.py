@@ -1,13 +1,16 @@
 """Cache I/O per codec: bytes per image, ratio, write speed, a shuffled epoch's read speed through
-the training read path, against reading the same bytes raw from disk.
+the training read path, against reading the same bytes raw.
 
     python bench/cache_io.py [--cache cache/demo-landcover/train.zarr] [--batch 32]
+    python bench/cache_io.py --real-size 32 --codecs blosc-lz4 none
 
 Rewrites the cache's arrays with each codec (the cache layout: one chunk per image, sharded), then
-reads one epoch of every feature map in shuffled batches with ``CacheBatches`` (the fit's read path,
-read-ahead on, preload off), and the same float16 bytes stored as one raw ``.npy`` file per array,
-read whole with ``np.fromfile``. Both reads follow a write, so both come mostly from the page
-cache; the ratio compares decoding and zarr's per-chunk work with a plain read.
+reads one epoch of every feature map in shuffled batches with ``CacheBatches`` (the fit's read path:
+direct shard reads, read-ahead on, preload off). The limit is the same float16 bytes stored as one
+raw file per array and read whole with ``np.fromfile``. Every read is measured twice: warm (just
+written, so from the page cache) and cold (the files' pages dropped with ``posix_fadvise`` first,
+so from the disk). For the first codec, the epoch is also read through zarr alone
+(``direct_reads=False``), the path before direct reads.
 """
 
 from __future__ import annotations
@@ -41,6 +44,27 @@ def copy_with_codec(source, path: str, codec: str) -> float:
         writer.write_shard(shard, arrays)
         seconds += time.perf_counter() - start
     return seconds
+
+
+def drop_page_cache(root: str) -> None:
+    """Flush and drop the page-cache pages of every file under ``root``: the next read is from disk."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def epoch_read(cache, batch: int, nbytes: int) -> float:
+    """MB/s of one shuffled epoch of every feature map through the training read path."""
+    batches = CacheBatches(cache, batch, shuffle=True, seed=0)
+    start = time.perf_counter()
+    for _ in batches.epoch(0):
+        pass
+    return nbytes / (time.perf_counter() - start) / 1e6
 
 
 def synthetic_real_size(n: int) -> str:
@@ -91,35 +115,46 @@ def main() -> None:
             data.tofile(os.path.join(raw_dir, f"{i}.bin"))
             raw_write_s += time.perf_counter() - start
         raw_write = fp16 / raw_write_s / 1e6
-        start = time.perf_counter()
-        for i, f in enumerate(feats):
-            np.fromfile(os.path.join(raw_dir, f"{i}.bin"), dtype=np.float16)
-        raw_read = fp16 / (time.perf_counter() - start) / 1e6
-        print(f"{'raw .bin files':>12}: write {raw_write:6.0f} MB/s, read {raw_read:6.0f} MB/s (the limit)")
+
+        def read_raw() -> float:
+            start = time.perf_counter()
+            for i in range(len(feats)):
+                np.fromfile(os.path.join(raw_dir, f"{i}.bin"), dtype=np.float16)
+            return fp16 / (time.perf_counter() - start) / 1e6
+
+        raw = {"warm": read_raw()}
+        drop_page_cache(raw_dir)
+        raw["cold"] = read_raw()
+        print(f"{'raw files':>12}: write {raw_write:6.0f} MB/s, read {raw['warm']:6.0f} MB/s warm, "
+              f"{raw['cold']:6.0f} MB/s cold (the limit)")
         results = {}
-        for codec in args.codecs:
+        for k, codec in enumerate(args.codecs):
             path = os.path.join(tmp, f"{codec}.zarr")
             write_s = copy_with_codec(source, path, codec)
             cache = open_cache(path)
             stored = sum(int(cache.root[f].nbytes_stored()) for f in feats)
             total = sum(int(cache.root[a].nbytes_stored()) for a in CacheWriter(cache.root, path, cache.plan).array_paths())
-            batches = CacheBatches(cache, args.batch, shuffle=True, seed=0)
-            start = time.perf_counter()
-            for _ in batches.epoch(0):
-                pass
-            read = fp16 / (time.perf_counter() - start) / 1e6
+            read = {"warm": epoch_read(cache, args.batch, fp16)}
+            drop_page_cache(path)
+            read["cold"] = epoch_read(cache, args.batch, fp16)
+            if k == 0:
+                read["zarr"] = epoch_read(open_cache(path, direct_reads=False), args.batch, fp16)
             results[codec] = (stored, read)
+            through_zarr = f"; through zarr alone {read['zarr']:5.0f} MB/s warm" if "zarr" in read else ""
             print(f"{codec:>12}: {total / n / 1024:7.1f} KiB/image, ratio {fp16 / stored:.3f} vs fp16, "
                   f"{2 * fp16 / stored:.3f} vs fp32; write {fp16 / write_s / 1e6:5.0f} MB/s; shuffled epoch read "
-                  f"{read:5.0f} MB/s = {read / raw_read:.3f} x raw")
+                  f"{read['warm']:5.0f} MB/s warm = {read['warm'] / raw['warm']:.3f} x raw, {read['cold']:5.0f} MB/s "
+                  f"cold = {read['cold'] / raw['cold']:.3f} x raw{through_zarr}", flush=True)
     if args.real_size:
         import shutil
 
         shutil.rmtree(os.path.dirname(args.cache))
-    default = results.get("blosc-lz4") or next(iter(results.values()))
-    print(f"RESULT raw_read_mb_s={raw_read:.0f} " + " ".join(
-        f"{c}_ratio_fp32={2 * fp16 / s:.3f} {c}_read_mb_s={r:.0f} {c}_read_vs_raw={r / raw_read:.3f}" for c, (s, r) in results.items())
-        + f" default_read_vs_raw={default[1] / raw_read:.3f}")
+    default = args.codecs[0]
+    print(f"RESULT raw_read_mb_s={raw['warm']:.0f} raw_cold_read_mb_s={raw['cold']:.0f} " + " ".join(
+        f"{c}_ratio_fp32={2 * fp16 / s:.3f} {c}_read_mb_s={r['warm']:.0f} {c}_read_vs_raw={r['warm'] / raw['warm']:.3f} "
+        f"{c}_cold_read_vs_raw={r['cold'] / raw['cold']:.3f}" for c, (s, r) in results.items())
+        + f" {default}_zarr_read_mb_s={results[default][1]['zarr']:.0f}"
+        + f" direct_vs_zarr={results[default][1]['warm'] / results[default][1]['zarr']:.1f}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,16 @@ class Fuser(nn.Module):
     def channels(self, layer: str) -> int:
         return self.layer_shapes[layer][0]
 
+    def project(self, feats: dict, layer: str) -> list[torch.Tensor]:
+        """Φ of ``layer`` applied to each timestep's map, in ``self.timesteps`` order.
+
+        The timesteps share Φ, so their maps go through it as one batch: the same result per map
+        (convolution and GroupNorm act per sample) from a third of the calls.
+        """
+        phi = self.bottleneck_layers[self.layers.index(layer)]
+        x = torch.cat([feats[t][layer] for t in self.timesteps]).float()
+        return list(phi(x).chunk(len(self.timesteps)))
+
 
 class GlobalWeightedFuser(Fuser):
     """One Φ per layer (shared across timesteps) and one softmax weight per (timestep, layer)."""
@@ -58,11 +68,11 @@ class GlobalWeightedFuser(Fuser):
         n_layers = len(self.layers)
         out = []
         for group in self.scales.values():
+            projected = {layer: self.project(feats, layer) for layer in group}
             fused = None
-            for ti, t in enumerate(self.timesteps):
+            for ti in range(len(self.timesteps)):
                 for layer in group:
-                    li = self.layers.index(layer)
-                    part = weights[ti * n_layers + li] * self.bottleneck_layers[li](feats[t][layer].float())
+                    part = weights[ti * n_layers + self.layers.index(layer)] * projected[layer][ti]
                     fused = part if fused is None else fused + part
             out.append(fused)
         return out, {"mixing_weights": weights.detach().view(len(self.timesteps), n_layers)}
@@ -83,10 +93,8 @@ class LocalWeightedFuser(Fuser):
         out, gates = [], []
         for group, gate in zip(self.scales.values(), self.gate_modules):
             # (B, T*L_s, P, H, W), timestep-major as the reference stacks them.
-            stack = torch.stack(
-                [self.bottleneck_layers[self.layers.index(l)](feats[t][l].float()) for t in self.timesteps for l in group],
-                dim=1,
-            )
+            projected = {l: self.project(feats, l) for l in group}
+            stack = torch.stack([projected[l][ti] for ti in range(len(self.timesteps)) for l in group], dim=1)
             weights = F.softmax(gate(stack.mean(dim=1)) / self.temperature, dim=1)
             out.append((weights.unsqueeze(2) * stack).sum(dim=1))
             gates.append(weights.detach())

@@ -39,6 +39,8 @@ def test_direct_reads_equal_zarr_reads_for_every_codec(tmp_path, codec):
 def test_features_are_the_same_with_and_without_direct_reads(tmp_path, monkeypatch):
     synthetic(tmp_path / "c.zarr")
     rows = [9, 0, 5, 6, 7]
+    monkeypatch.setattr(reader_module, "PARALLEL_BYTES", 0)  # threads even for these tiny maps
+    monkeypatch.setattr(reader_module, "READ_THREADS", 4)
     direct = open_cache(str(tmp_path / "c.zarr")).features(rows)
     through_zarr = open_cache(str(tmp_path / "c.zarr"), direct_reads=False).features(rows)
     monkeypatch.setattr(reader_module, "READ_THREADS", 1)

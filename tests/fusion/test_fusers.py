@@ -71,6 +71,11 @@ def test_lw_gates_are_per_pixel_softmaxes():
     assert [g.shape for g in gates] == [(2, 4, 4, 4), (2, 2, 2, 2)]  # T * L_s maps per scale
     torch.testing.assert_close(gates[0].sum(dim=1), torch.ones(2, 4, 4))
     assert out[0].shape == (2, 128, 4, 4)
+    # The gated sum of each timestep's projection, Φ applied to one map at a time.
+    x, group = feats(), ["b_1_attn1_0", "b_1_conv2_0"]
+    stack = torch.stack([fuser.bottleneck_layers[li](x[t][l].float()) for t in ("t47", "t40")
+                         for li, l in enumerate(group)], dim=1)
+    torch.testing.assert_close(out[0], (gates[0].unsqueeze(2) * stack).sum(dim=1))
 
 
 def test_moe_warm_up_counts_training_steps_only_then_routes_to_top_k():
