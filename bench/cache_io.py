@@ -7,10 +7,11 @@ the training read path, against reading the same bytes raw.
 Rewrites the cache's arrays with each codec (the cache layout: one chunk per image, sharded), then
 reads one epoch of every feature map in shuffled batches with ``CacheBatches`` (the fit's read path:
 direct shard reads, read-ahead on, preload off). The limit is the same float16 bytes stored as one
-raw file per array and read whole with ``np.fromfile``. Every read is measured twice: warm (just
-written, so from the page cache) and cold (the files' pages dropped with ``posix_fadvise`` first,
-so from the disk). For the first codec, the epoch is also read through zarr alone
-(``direct_reads=False``), the path before direct reads.
+raw file per array and read whole with ``np.fromfile``. Every read is measured twice: warm (the
+second read after writing and flushing, so from the page cache) and cold (the files' pages dropped with
+``posix_fadvise`` first, so from the disk). For the first codec, the epoch is also read through zarr alone
+(``direct_reads=False``), the path before direct reads, and with shard-aligned shuffling
+(``shuffle_buffer_shards``: whole shards read in a random order, images shuffled within groups).
 """
 
 from __future__ import annotations
@@ -46,24 +47,28 @@ def copy_with_codec(source, path: str, codec: str) -> float:
     return seconds
 
 
-def drop_page_cache(root: str) -> None:
-    """Flush and drop the page-cache pages of every file under ``root``: the next read is from disk."""
+def flush(root: str, drop: bool = False) -> None:
+    """Write every file under ``root`` to disk (so that no write-back runs during a timed read);
+    with ``drop``, also drop their pages from the page cache, so that the next read is from disk."""
     for folder, _, files in os.walk(root):
         for name in files:
             fd = os.open(os.path.join(folder, name), os.O_RDONLY)
             try:
                 os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                if drop:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
 
 
-def epoch_read(cache, batch: int, nbytes: int) -> float:
-    """MB/s of one shuffled epoch of every feature map through the training read path."""
-    batches = CacheBatches(cache, batch, shuffle=True, seed=0)
-    start = time.perf_counter()
-    for _ in batches.epoch(0):
-        pass
+def epoch_read(cache, batch: int, nbytes: int, warm_up: bool = False, buffer_shards: int = 0) -> float:
+    """MB/s of one shuffled epoch of every feature map through the training read path; with
+    ``warm_up``, of a second epoch (the first one after a write runs up to 3x slower)."""
+    batches = CacheBatches(cache, batch, shuffle=True, seed=0, buffer_shards=buffer_shards)
+    for epoch in range(2 if warm_up else 1):
+        start = time.perf_counter()
+        for _ in batches.epoch(epoch):
+            pass
     return nbytes / (time.perf_counter() - start) / 1e6
 
 
@@ -91,6 +96,7 @@ def main() -> None:
     parser.add_argument("--cache", default="cache/demo-landcover/train.zarr")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--codecs", nargs="+", default=["blosc-lz4", "blosc-zstd", "zstd", "none"])
+    parser.add_argument("--buffer-shards", type=int, default=2, help="group size of the shard-aligned read")
     parser.add_argument("--real-size", type=int, metavar="N",
                         help="instead of --cache, a synthetic cache of N images with SD-2.1's 21 maps at 256 px (20 MiB "
                              "per image; random values, so its compression ratio means nothing, its speeds do)")
@@ -116,14 +122,16 @@ def main() -> None:
             raw_write_s += time.perf_counter() - start
         raw_write = fp16 / raw_write_s / 1e6
 
-        def read_raw() -> float:
-            start = time.perf_counter()
-            for i in range(len(feats)):
-                np.fromfile(os.path.join(raw_dir, f"{i}.bin"), dtype=np.float16)
+        def read_raw(repeat: int = 1) -> float:
+            for _ in range(repeat):
+                start = time.perf_counter()
+                for i in range(len(feats)):
+                    np.fromfile(os.path.join(raw_dir, f"{i}.bin"), dtype=np.float16)
             return fp16 / (time.perf_counter() - start) / 1e6
 
-        raw = {"warm": read_raw()}
-        drop_page_cache(raw_dir)
+        flush(raw_dir)
+        raw = {"warm": read_raw(repeat=2)}
+        flush(raw_dir, drop=True)
         raw["cold"] = read_raw()
         print(f"{'raw files':>12}: write {raw_write:6.0f} MB/s, read {raw['warm']:6.0f} MB/s warm, "
               f"{raw['cold']:6.0f} MB/s cold (the limit)")
@@ -134,13 +142,23 @@ def main() -> None:
             cache = open_cache(path)
             stored = sum(int(cache.root[f].nbytes_stored()) for f in feats)
             total = sum(int(cache.root[a].nbytes_stored()) for a in CacheWriter(cache.root, path, cache.plan).array_paths())
-            read = {"warm": epoch_read(cache, args.batch, fp16)}
-            drop_page_cache(path)
+            flush(path)
+            read = {"warm": epoch_read(cache, args.batch, fp16, warm_up=True)}
+            flush(path, drop=True)
             read["cold"] = epoch_read(cache, args.batch, fp16)
             if k == 0:
-                read["zarr"] = epoch_read(open_cache(path, direct_reads=False), args.batch, fp16)
+                read["zarr"] = epoch_read(open_cache(path, direct_reads=False), args.batch, fp16, warm_up=True)
+                read["zarr_shards"] = epoch_read(open_cache(path, direct_reads=False), args.batch, fp16, warm_up=True,
+                                                 buffer_shards=args.buffer_shards)
+                read["shards_warm"] = epoch_read(cache, args.batch, fp16, warm_up=True, buffer_shards=args.buffer_shards)
+                flush(path, drop=True)
+                read["shards_cold"] = epoch_read(cache, args.batch, fp16, buffer_shards=args.buffer_shards)
             results[codec] = (stored, read)
-            through_zarr = f"; through zarr alone {read['zarr']:5.0f} MB/s warm" if "zarr" in read else ""
+            through_zarr = (f"; shard-aligned ({args.buffer_shards} shards) {read['shards_warm']:5.0f} MB/s warm = "
+                            f"{read['shards_warm'] / raw['warm']:.3f} x raw, {read['shards_cold']:5.0f} MB/s cold = "
+                            f"{read['shards_cold'] / raw['cold']:.3f} x raw; through zarr alone {read['zarr']:5.0f} MB/s warm, "
+                            f"shard-aligned {read['zarr_shards']:5.0f} MB/s warm"
+                            if "zarr" in read else "")
             print(f"{codec:>12}: {total / n / 1024:7.1f} KiB/image, ratio {fp16 / stored:.3f} vs fp16, "
                   f"{2 * fp16 / stored:.3f} vs fp32; write {fp16 / write_s / 1e6:5.0f} MB/s; shuffled epoch read "
                   f"{read['warm']:5.0f} MB/s warm = {read['warm'] / raw['warm']:.3f} x raw, {read['cold']:5.0f} MB/s "
@@ -154,6 +172,9 @@ def main() -> None:
         f"{c}_ratio_fp32={2 * fp16 / s:.3f} {c}_read_mb_s={r['warm']:.0f} {c}_read_vs_raw={r['warm'] / raw['warm']:.3f} "
         f"{c}_cold_read_vs_raw={r['cold'] / raw['cold']:.3f}" for c, (s, r) in results.items())
         + f" {default}_zarr_read_mb_s={results[default][1]['zarr']:.0f}"
+        + f" {default}_zarr_shards_read_mb_s={results[default][1]['zarr_shards']:.0f}"
+        + f" {default}_shards_read_vs_raw={results[default][1]['shards_warm'] / raw['warm']:.3f}"
+        + f" {default}_shards_cold_read_vs_raw={results[default][1]['shards_cold'] / raw['cold']:.3f}"
         + f" direct_vs_zarr={results[default][1]['warm'] / results[default][1]['zarr']:.1f}")
 
 

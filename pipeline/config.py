@@ -184,6 +184,7 @@ class Config:
     resume_from: str | None = _field(None, _optional(_str))
     cache_dir: str = _field("cache", _str, ours=True)
     preload_max_gb: float = _field(4.0, _number, ours=True)
+    shuffle_buffer_shards: int = _field(0, _int(0), ours=True)
     shard_size: int = _field(64, _int(1), ours=True)
     codec: str = _field("blosc-lz4", _choice("blosc-lz4", "blosc-zstd", "zstd", "none"), ours=True)
     # Where this config was read from; set by load_config.

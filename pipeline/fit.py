@@ -41,7 +41,7 @@ def open_split_caches(cfg: Config) -> dict[str, FeatureCache]:
 def cached_splits(cfg: Config, caches: dict, timesteps, layers) -> Splits:
     def batches(split, shuffle):
         src = CacheBatches(caches[split], cfg.batch_size if split == "train" else cfg.val_batch_size,
-                           timesteps, layers, shuffle=shuffle, seed=cfg.seed)
+                           timesteps, layers, shuffle=shuffle, seed=cfg.seed, buffer_shards=cfg.shuffle_buffer_shards)
         src.preload = src.nbytes() <= cfg.preload_max_gb * 2**30
         return src.epoch
 
@@ -63,7 +63,7 @@ def live_splits(cfg: Config, timesteps, layers, device) -> Splits:
         size = cfg.batch_size if split == "train" else cfg.val_batch_size
 
         def epoch(e):
-            for idx in batch_order(len(data), size, shuffle, cfg.seed, e):
+            for idx in batch_order(len(data), size, shuffle, cfg.seed, e, cfg.shard_size, cfg.shuffle_buffer_shards):
                 batch = collate([data[int(i)] for i in idx])
                 out = extractor(batch["image"], batch["name"])
                 feats = {t: {l: out.maps[t][l] for l in layers} for t in timesteps}

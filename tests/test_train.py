@@ -90,8 +90,9 @@ def test_each_fuser_overfits_a_small_batch(cached_demo, fuser):
     assert accuracy >= 0.95
 
 
-def test_cached_and_live_features_give_the_same_first_batch_loss(cached_demo):
-    cfg = cached_demo(fuser="gw")
+@pytest.mark.parametrize("buffer_shards", [0, 2])
+def test_cached_and_live_features_give_the_same_first_batch_loss(cached_demo, buffer_shards):
+    cfg = cached_demo(fuser="gw", shuffle_buffer_shards=buffer_shards)
     caches = open_split_caches(cfg)
     timesteps, layers = feature_selection(cfg, caches["train"])
     torch.manual_seed(0)

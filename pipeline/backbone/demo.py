@@ -87,18 +87,19 @@ def tiny_unet_config(**overrides) -> dict:
     return config
 
 
-def tiny_vae_config(img_size: int) -> dict:
-    # Four blocks give three downsamplings, so the latent is img_size / 8 as in SD's VAE.
+def tiny_vae_config(img_size: int, full_size: bool = False) -> dict:
+    """SD's VAE (``full_size``) or a toy one; four blocks give three downsamplings, so the latent
+    is img_size / 8 in both."""
     return {
         "in_channels": 3,
         "out_channels": 3,
         "down_block_types": ("DownEncoderBlock2D",) * 4,
         "up_block_types": ("UpDecoderBlock2D",) * 4,
-        "block_out_channels": (8, 16, 16, 16),
-        "layers_per_block": 1,
+        "block_out_channels": (128, 256, 512, 512) if full_size else (8, 16, 16, 16),
+        "layers_per_block": 2 if full_size else 1,
         "act_fn": "silu",
         "latent_channels": 4,
-        "norm_num_groups": 8,
+        "norm_num_groups": 32 if full_size else 8,
         "sample_size": img_size,
         "scaling_factor": 0.18215,
     }
@@ -154,11 +155,11 @@ def _write_text_encoder(folder: Path, width: int, seed: int) -> None:
     CLIPTextModel(config).save_pretrained(str(folder))
 
 
-def _write_vae(folder: Path, img_size: int, seed: int) -> None:
+def _write_vae(folder: Path, img_size: int, seed: int, full_size: bool = False) -> None:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**tiny_vae_config(img_size))
+    vae = AutoencoderKL(**tiny_vae_config(img_size, full_size))
     # Shape the random posterior like a trained one. A trained VAE's posterior is narrow; a random
     # one has std ~1, whose sampling noise would drown the image, so the log-variance is a constant
     # -12 (std ~0.0025). Its mean is scaled so that latents x 0.18215 have std ~1 (measured 0.98
@@ -213,8 +214,13 @@ def build_demo_backbone(
     resolution_subfolder: str | None = None,
     unet_subfolder: str = "checkpoint-150000/unet",
     overwrite: bool = False,
+    full_size: bool = False,
 ) -> Path:
-    """Write a tiny DiffusionSat under ``root`` and return its resolution folder."""
+    """Write a tiny DiffusionSat under ``root`` and return its resolution folder.
+
+    ``full_size`` writes SD-2.1's real UNet and VAE widths instead (3.5 GB of random weights; the
+    text encoder stays small, it runs once per extraction): for speed and memory measurements.
+    """
     if weights not in ("safetensors", "bin"):
         raise UserError(f"weights must be 'safetensors' or 'bin', not {weights!r}")
     if img_size % 8:
@@ -229,12 +235,13 @@ def build_demo_backbone(
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
 
-    unet_config = tiny_unet_config(sample_size=img_size // 8, use_metadata=with_metadata)
+    sizes = {"sample_size": img_size // 8, "use_metadata": with_metadata}
+    unet_config = {**SD21_UNET_CONFIG, **sizes} if full_size else tiny_unet_config(**sizes)
     _write_json(path / "model_index.json", _model_index(scheduler_class))
     scheduler = {"_class_name": scheduler_class, **SD21_SCHEDULER_CONFIG}
     _write_json(path / "scheduler" / "scheduler_config.json", scheduler)
     _write_tokenizer(path / "tokenizer")
     _write_text_encoder(path / "text_encoder", unet_config["cross_attention_dim"], seed)
-    _write_vae(path / "vae", img_size, seed + 1)
+    _write_vae(path / "vae", img_size, seed + 1, full_size)
     _write_unet(path / unet_subfolder, unet_config, weights, seed + 2)
     return path

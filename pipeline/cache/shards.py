@@ -103,7 +103,8 @@ class ShardReader:
             index = None
         else:
             size = self.shard_rows * 16 + 4
-            raw = os.pread(fd, size, os.fstat(fd).st_size - size)
+            file_size = os.fstat(fd).st_size
+            raw = os.pread(fd, size, file_size - size) if file_size >= size else b""
             if len(raw) != size or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
                 raise self._corrupt(shard, "its index")
             index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.shard_rows, 2)
@@ -143,7 +144,7 @@ class ShardReader:
                     continue
                 offset, length = int(offset), int(length)
                 data = whole[offset : offset + length] if whole is not None else np.frombuffer(os.pread(fd, length, offset), np.uint8)
-                if google_crc32c.value(data[:-4]) != int.from_bytes(bytes(data[-4:]), "little"):
+                if len(data) != length or google_crc32c.value(data[:-4]) != int.from_bytes(bytes(data[-4:]), "little"):
                     raise self._corrupt(shard, f"the chunk of row {shard * self.shard_rows + int(row)}")
                 self.decoder(data[:-4], out[dest])
         finally:

@@ -208,3 +208,13 @@ def test_sd21_parameter_counts():
                   for md in (False, True)}
     # Seven TimestepEmbedding(320, 1280) MLPs: 7 * (320*1280 + 1280 + 1280*1280 + 1280).
     assert counts == {False: 865_910_724, True: 865_910_724 + 14_353_920}
+
+
+def test_full_size_vae_is_stable_diffusions():
+    from diffusers import AutoencoderKL
+
+    from pipeline.backbone.demo import tiny_vae_config
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**tiny_vae_config(256, full_size=True))
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # SD's released VAE

@@ -79,6 +79,15 @@ def test_a_corrupted_shard_index_is_refused(tmp_path):
         cache.features([1], layers=["up_blocks_3_conv2_2"])
 
 
+def test_a_truncated_shard_is_refused(tmp_path):
+    root = tmp_path / "c.zarr"
+    cache = synthetic(root)
+    f = _shard_file(root, 2)
+    f.write_bytes(f.read_bytes()[:50])
+    with pytest.raises(CacheError, match="shard 2 .its index fails its checksum"):
+        cache.features([9], layers=["up_blocks_3_conv2_2"])
+
+
 def test_chunks_never_written_read_as_the_fill_value(tmp_path):
     with zarr.config.set({"array.write_empty_chunks": False}):
         array = zarr.create_array(str(tmp_path / "a.zarr"), shape=(8, 2, 3, 3), chunks=(1, 2, 3, 3),
@@ -112,3 +121,15 @@ def test_a_file_url_cache_reads_through_zarr(tmp_path):
     cache = open_cache(url)
     got = cache.features([5, 1])["t40"]["up_blocks_1_attn1_0"].numpy()
     np.testing.assert_array_equal(got, cache.root[feature_path("t40", "up_blocks_1_attn1_0")][:][[5, 1]])
+
+
+def test_runs_of_rows_read_through_zarr_as_slices(tmp_path):
+    synthetic(tmp_path / "c.zarr", n=22)
+    rows = list(range(0, 8)) + list(range(12, 20))  # two runs: read as two slices
+    direct = open_cache(str(tmp_path / "c.zarr")).features(rows)
+    through_zarr = open_cache(str(tmp_path / "c.zarr"), direct_reads=False).features(rows)
+    whole = open_cache(str(tmp_path / "c.zarr")).root[feature_path("t40", "up_blocks_3_conv2_2")][:]
+    np.testing.assert_array_equal(through_zarr["t40"]["up_blocks_3_conv2_2"].numpy(), whole[rows])
+    for t in TIMESTEPS:
+        for layer in SHAPES:
+            np.testing.assert_array_equal(direct[t][layer].numpy(), through_zarr[t][layer].numpy())
