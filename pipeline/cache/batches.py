@@ -97,7 +97,7 @@ class CacheBatches:
                 rows = np.sort(groups[len(held)])
                 held.append([rows, self.cache.features(rows, self.timesteps, self.layers), self.cache.labels(rows), len(rows)])
             batch = np.sort(order[start:stop])
-            parts = []  # (rows of the group, rows of the batch) per group that serves the batch
+            parts = []  # (positions in the group, positions in the batch, features, labels) per serving group
             for group in held:
                 rows, feats, labels, left = group
                 if not left:
