@@ -69,7 +69,6 @@ def main() -> None:
 
     unet_s = per_image(unet_pass, args.batch, args.repeats)
     vae_s = per_image(vae_encode, args.batch, args.repeats)
-    del unet, vae
 
     model = FusionModel(ModelConfig(args.fuser, "linear", shapes, ["t47", "t45", "t40"], 10, projection_dim=384)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
