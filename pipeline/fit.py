@@ -100,24 +100,28 @@ def fit(cfg: Config, out_dir: str | Path, device: str | None = None, live: bool 
     result.metrics.update(fuser=cfg.fuser, dataset=cfg.dataset_name, seed=cfg.seed, live=live,
                           timesteps=timesteps, layers=layers, backbone=caches["train"].request["backbone"]["id"],
                           latent_seed=extraction["seed"], precision=extraction["precision"])
-    result.metrics["ledger"] = fit_ledger(result, caches, live)
     best = FusionModel.from_pretrained(out_dir / "model", dev)
+    aux = aux_summary(cfg, best, splits, dev)
+    # LW and MoE summaries run val once more, through the backbone when live.
+    result.metrics["ledger"] = fit_ledger(result, caches, live, extra_val_passes=int(cfg.fuser != "gw"))
     write_outputs(out_dir, result)
-    write_plots(out_dir, result, best, aux_summary(cfg, best, splits, dev))
+    write_plots(out_dir, result, best, aux)
     return result.metrics
 
 
-def fit_ledger(result, caches: dict, live: bool) -> dict:
+def fit_ledger(result, caches: dict, live: bool, extra_val_passes: int = 0) -> dict:
     """UNet and VAE passes this fit ran, and those the reference runs for the same training: it
-    recomputes every image's features for every epoch, every validation and the test evaluation."""
+    recomputes every image's features for every epoch, every validation and the test evaluation.
+    ``extra_val_passes`` are our own passes over val (the fusion summary), which only a live fit pays."""
     per_image = int(caches["train"].attrs.get("unet_passes_per_image") or 0)
     n = {split: len(cache) for split, cache in caches.items()}
     evaluations = sum(1 for row in result.history if any(k.startswith("val_") for k in row))
     # Training batches, every validation, and the best model's final val and test evaluations.
-    images = result.metrics["train_images_seen"] + (evaluations + 1) * n["val"] + n["test"]
-    return {"epochs": result.metrics["epochs_run"], "val_evaluations": evaluations, "images_through_backbone": images if live else 0,
-            "unet_passes": images * per_image if live else 0, "vae_passes": images if live else 0,
-            "reference_unet_passes": images * per_image, "reference_vae_passes": images,
+    reference = result.metrics["train_images_seen"] + (evaluations + 1) * n["val"] + n["test"]
+    ran = reference + extra_val_passes * n["val"] if live else 0
+    return {"epochs": result.metrics["epochs_run"], "val_evaluations": evaluations, "images_through_backbone": ran,
+            "unet_passes": ran * per_image, "vae_passes": ran,
+            "reference_unet_passes": reference * per_image, "reference_vae_passes": reference,
             "unet_passes_per_image": per_image}
 
 

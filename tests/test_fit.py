@@ -27,6 +27,20 @@ def test_fit_writes_metrics_model_and_plots(cached_demo, tmp_path, exp, fuser, m
                                  "reference_vae_passes": 20 + 2 * 8 + 8, "unet_passes_per_image": 10}
 
 
+def test_live_ledger_counts_every_image_through_the_backbone(cached_demo, tmp_path, monkeypatch):
+    from pipeline.backbone.extractor import FeatureExtractor
+
+    seen = []
+    original = FeatureExtractor.__call__
+    monkeypatch.setattr(FeatureExtractor, "__call__", lambda self, images, names: seen.append(len(names)) or original(self, images, names))
+    cfg = cached_demo(fuser="lw", max_train_epochs=1, layer_idxs={"up_blocks": {"attn1": "all", "conv2": []}})
+    ledger = fit(cfg, tmp_path, live=True, progress=False)["ledger"]
+    # 20 training images, val twice (in training and for the best model), test, and val for LW's gate summary.
+    assert sum(seen) == ledger["images_through_backbone"] == ledger["vae_passes"] == 20 + 2 * 8 + 8 + 8
+    assert ledger["unet_passes"] == 10 * sum(seen)
+    assert ledger["reference_vae_passes"] == 20 + 2 * 8 + 8  # the summary is ours, not the reference's
+
+
 def test_cli_fit_and_evaluate(cached_demo, tmp_path):
     cfg = cached_demo()
     common = ["--set", f"geobench_dir={cfg.geobench_dir}", "--set", f"cache_dir={cfg.cache_dir}", "--set", "img_size=64",
