@@ -169,12 +169,17 @@ class Split:
                 return whole[self.rows]
             return whole.reshape(-1, self.pixels_per_image)[self.rows].reshape(-1)
         if self._labels is None:
-            labels = self.cache.labels(self.rows).numpy()
-            if self.grid:
-                onehot = F.one_hot(torch.from_numpy(labels.astype(np.int64)), num_classes).permute(0, 3, 1, 2).float()
+            if not self.grid:
+                self._labels = self.cache.labels(self.rows).numpy()
+                return self._labels
+            parts, step = [], self.cache.plan.shard_size  # one-hot masks a shard at a time, not the split
+            for start in range(0, len(self.rows), step):
+                masks = self.cache.labels(self.rows[start : start + step]).numpy().astype(np.int64)
+                onehot = F.one_hot(torch.from_numpy(masks), num_classes).permute(0, 3, 1, 2).float()
                 grid = F.adaptive_avg_pool2d(onehot, self.grid).argmax(dim=1).flatten(1)
-                labels = torch.gather(grid, 1, torch.from_numpy(self._pixels)).reshape(-1).numpy()
-            self._labels = labels
+                pixels = torch.from_numpy(self._pixels[start : start + step])
+                parts.append(torch.gather(grid, 1, pixels).reshape(-1).numpy())
+            self._labels = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
         return self._labels
 
 
