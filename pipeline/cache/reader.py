@@ -17,7 +17,7 @@ from .store import CacheError, CacheMismatch, differences, open_root
 
 # Feature maps of one batch are read an array per thread: file reads and blosc/zstd decoding
 # release the GIL, so this scales with cores when maps are large. Below PARALLEL_BYTES per array
-# the Python around each read dominates and threads only contend for the GIL (the demo's 8 KiB
+# the Python around each read dominates and threads only contend for the GIL (the demo's 4 KiB
 # maps read 20 % slower with two threads than with one).
 READ_THREADS = min(8, os.cpu_count() or 1)
 PARALLEL_BYTES = 1 << 20
@@ -131,7 +131,8 @@ class FeatureCache:
                 raise CacheError(f"cache {self.path} has no {what} {lacking}; it holds {held}")
         return timesteps, layers
 
-    def _rows(self, name: str, indices) -> np.ndarray:
+    def _checked(self, indices) -> np.ndarray:
+        """``indices`` as an int64 array, refused when out of range or not extracted yet."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"indices out of range for cache {self.path} of {len(self)} samples")
@@ -140,6 +141,13 @@ class FeatureCache:
                 f"cache {self.path} is incomplete: {int((~self.done[idx]).sum())} of the requested samples "
                 "are not extracted yet; run `satdifuser extract` again to resume"
             )
+        return idx
+
+    def _rows(self, name: str, indices) -> np.ndarray:
+        return self._read(name, self._checked(indices))
+
+    def _read(self, name: str, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` (checked) of one array."""
         if self.direct_reads:
             if name not in self._readers:
                 self._readers[name] = ShardReader.for_array(self.root[name])
@@ -160,16 +168,17 @@ class FeatureCache:
         """``{timestep: {layer: (B, C, H, W) float16 tensor}}``; unselected arrays are not read."""
         timesteps, layers = self._select(timesteps, layers)
         keys = [(t, l) for t in timesteps for l in layers]
-        self.done  # read the flags once, before the threads need them
-        read = lambda key: torch.from_numpy(self._rows(feature_path(*key), indices))  # noqa: E731
-        per_array = np.size(indices) * sum(2 * np.prod(self.plan.layer_shapes[l]) for l in layers) / len(layers)
+        idx = self._checked(indices)
+        read = lambda key: torch.from_numpy(self._read(feature_path(*key), idx))  # noqa: E731
+        per_array = idx.size * sum(2 * np.prod(self.plan.layer_shapes[l]) for l in layers) / len(layers)
         parallel = READ_THREADS > 1 and len(keys) > 1 and per_array >= PARALLEL_BYTES
         maps = dict(zip(keys, _read_pool().map(read, keys) if parallel else map(read, keys)))
         return {t: {l: maps[t, l] for l in layers} for t in timesteps}
 
     def pooled(self, indices, timesteps=None, layers=None) -> dict[str, dict[str, torch.Tensor]]:
         timesteps, layers = self._select(timesteps, layers)
-        return {t: {l: torch.from_numpy(self._rows(pooled_path(t, l), indices)) for l in layers} for t in timesteps}
+        idx = self._checked(indices)
+        return {t: {l: torch.from_numpy(self._read(pooled_path(t, l), idx)) for l in layers} for t in timesteps}
 
     def trajectory(self, indices, timesteps=None) -> dict[str, torch.Tensor]:
         timesteps, _ = self._select(timesteps, None)
