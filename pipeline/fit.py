@@ -48,8 +48,9 @@ def cached_splits(cfg: Config, caches: dict, timesteps, layers) -> Splits:
     return Splits(batches("train", True), batches("val", False), batches("test", False), len(caches["train"]))
 
 
-def live_splits(cfg: Config, timesteps, layers, device) -> Splits:
-    """Features recomputed from the images for every batch (the reference's way)."""
+def live_splits(cfg: Config, timesteps, layers, device, shard_size: int | None = None) -> Splits:
+    """Features recomputed from the images for every batch (the reference's way). ``shard_size``
+    (the train cache's) makes shard-aligned shuffling pick the batches a cached fit picks."""
     from .backbone.extractor import FeatureExtractor
     from .backbone.loader import load_diffusionsat
     from .data.geobench_task import GeoBenchSplit, TaskSource, collate
@@ -63,7 +64,8 @@ def live_splits(cfg: Config, timesteps, layers, device) -> Splits:
         size = cfg.batch_size if split == "train" else cfg.val_batch_size
 
         def epoch(e):
-            for idx in batch_order(len(data), size, shuffle, cfg.seed, e, cfg.shard_size, cfg.shuffle_buffer_shards):
+            for idx in batch_order(len(data), size, shuffle, cfg.seed, e, shard_size or cfg.shard_size,
+                                   cfg.shuffle_buffer_shards):
                 batch = collate([data[int(i)] for i in idx])
                 out = extractor(batch["image"], batch["name"])
                 feats = {t: {l: out.maps[t][l] for l in layers} for t in timesteps}
@@ -90,7 +92,8 @@ def fit(cfg: Config, out_dir: str | Path, device: str | None = None, live: bool 
     caches = open_split_caches(cfg)
     timesteps, layers = feature_selection(cfg, caches["train"])
     shapes = {l: caches["train"].layer_shapes[l] for l in layers}
-    splits = live_splits(cfg, timesteps, layers, dev) if live else cached_splits(cfg, caches, timesteps, layers)
+    splits = (live_splits(cfg, timesteps, layers, dev, caches["train"].plan.shard_size) if live
+              else cached_splits(cfg, caches, timesteps, layers))
     torch.manual_seed(cfg.seed)
     model = FusionModel(model_config(cfg, shapes, timesteps)).to(dev)
     log.info("%s + %s: %d parameters, %d timesteps x %d layers, %s features", cfg.fuser, model.config.head,

@@ -17,6 +17,8 @@ _DONE = object()
 def shard_buffers(indices, shard_size: int, buffer_shards: int, seed: int, epoch: int) -> list[np.ndarray]:
     """Shard-aligned shuffling: the shards in a seeded random order, ``buffer_shards`` at a time,
     and the images of each group in a random order. Each group is read as whole shards."""
+    if shard_size < 1 or buffer_shards < 1:
+        raise ValueError(f"shard_size and buffer_shards must be at least 1, not {shard_size} and {buffer_shards}")
     idx = np.arange(indices) if isinstance(indices, int) else np.asarray(indices)
     rng = np.random.default_rng([seed, epoch])
     shards = rng.permutation(np.unique(idx // shard_size))
@@ -119,7 +121,9 @@ class CacheBatches:
 
             yield ({t: {l: take(lambda p: p[2][t][l]) for l in self.layers} for t in self.timesteps},
                    take(lambda p: p[3]), batch)
-            held = [g if g[3] else [g[0], None, None, 0] for g in held]  # free groups served in full
+            # Free groups served in full before the next group is read.
+            parts = feats = labels = None
+            held = [g if g[3] else [g[0], None, None, 0] for g in held]
 
     def _items(self, epoch: int) -> Iterator[tuple[dict, torch.Tensor, np.ndarray]]:
         if self.shuffle and self.buffer_shards > 0 and not self.preload:

@@ -33,6 +33,15 @@ def _read_pool() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool() -> None:
+    # A forked child (a DataLoader worker) inherits the pool but not its threads: start afresh.
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def open_cache(path: str, storage_options: dict | None = None, expect: dict | None = None,
                direct_reads: bool = True) -> "FeatureCache":
     """Open a cache read-only; with ``expect``, refuse one built for another request.
@@ -170,7 +179,7 @@ class FeatureCache:
         keys = [(t, l) for t in timesteps for l in layers]
         idx = self._checked(indices)
         read = lambda key: torch.from_numpy(self._read(feature_path(*key), idx))  # noqa: E731
-        per_array = idx.size * sum(2 * np.prod(self.plan.layer_shapes[l]) for l in layers) / len(layers)
+        per_array = idx.size * sum(2 * np.prod(self.plan.layer_shapes[l]) for l in layers) / max(len(layers), 1)
         parallel = READ_THREADS > 1 and len(keys) > 1 and per_array >= PARALLEL_BYTES
         maps = dict(zip(keys, _read_pool().map(read, keys) if parallel else map(read, keys)))
         return {t: {l: maps[t, l] for l in layers} for t in timesteps}

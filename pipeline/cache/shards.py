@@ -31,6 +31,18 @@ from .store import CacheError
 _EMPTY = np.uint64(2**64 - 1)  # the sharding index's mark for a chunk that was never written
 
 
+def _read_all(fd: int) -> bytes:
+    """The whole file: one pread returns at most about 2 GiB on Linux."""
+    size, parts, got = os.fstat(fd).st_size, [], 0
+    while got < size:
+        part = os.pread(fd, size - got, got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 @dataclass(frozen=True)
 class _Decoder:
     codec: object | None  # a numcodecs codec, or None for raw bytes
@@ -136,7 +148,7 @@ class ShardReader:
             whole = None
             if index is not None and len(local) > self.shard_rows // 2:
                 # Most of the shard is wanted: one read of the file beats one per image.
-                whole = np.frombuffer(os.pread(fd, os.fstat(fd).st_size, 0), dtype=np.uint8)
+                whole = np.frombuffer(_read_all(fd), dtype=np.uint8)
             for row, dest in zip(local, at):
                 offset, length = (_EMPTY, _EMPTY) if index is None else index[row]
                 if offset == _EMPTY:

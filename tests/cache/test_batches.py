@@ -23,6 +23,11 @@ def test_shard_buffers_cover_every_image_once_a_few_shards_at_a_time():
     assert not np.array_equal(np.concatenate(groups), other)  # a new order each epoch
 
 
+def test_shard_buffers_need_a_shard_size():
+    with pytest.raises(ValueError, match="at least 1, not 0 and 2"):
+        shard_buffers(np.arange(8), 0, 2, seed=0, epoch=0)
+
+
 def test_shard_buffers_keep_to_a_subset():
     subset = np.array([1, 2, 9, 10, 11, 17])
     groups = shard_buffers(subset, shard_size=4, buffer_shards=1, seed=0, epoch=0)

@@ -133,3 +133,18 @@ def test_runs_of_rows_read_through_zarr_as_slices(tmp_path):
     for t in TIMESTEPS:
         for layer in SHAPES:
             np.testing.assert_array_equal(direct[t][layer].numpy(), through_zarr[t][layer].numpy())
+
+
+def test_short_reads_of_a_whole_shard_are_completed(tmp_path, monkeypatch):
+    import pipeline.cache.shards as shards
+
+    cache = synthetic(tmp_path / "c.zarr")
+    real = shards.os.pread
+    monkeypatch.setattr(shards.os, "pread", lambda fd, size, offset: real(fd, min(size, 1024), offset))
+    array = cache.root[feature_path("t47", "up_blocks_3_conv2_2")]
+    np.testing.assert_array_equal(ShardReader.for_array(array).read(np.arange(4)), array[:4])  # a whole shard
+
+
+def test_no_layers_read_nothing(tmp_path):
+    cache = synthetic(tmp_path / "c.zarr")
+    assert cache.features([0, 1], layers=[]) == {"t47": {}, "t40": {}}
