@@ -17,7 +17,6 @@ the caller reads through zarr.
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 
 import google_crc32c
@@ -29,6 +28,11 @@ from zarr.storage import LocalStore
 from .store import CacheError
 
 _EMPTY = np.uint64(2**64 - 1)  # the sharding index's mark for a chunk that was never written
+
+
+def _checksum_ok(data) -> bool:
+    """Whether bytes ending in zarr's crc32c (4 bytes, little-endian) match their checksum."""
+    return google_crc32c.value(data[:-4]) == int.from_bytes(bytes(data[-4:]), "little")
 
 
 def _read_all(fd: int) -> bytes:
@@ -81,8 +85,9 @@ class ShardReader:
         self.shard_rows = shard_rows
         self.dtype = np.dtype(array.dtype)
         self.fill = self.dtype.type(array.metadata.fill_value)
+        # Shard indexes read so far; several threads may fill it at once, which costs at most a
+        # repeated read of the same bytes.
         self._index: dict[int, np.ndarray | None] = {}
-        self._lock = threading.Lock()
 
     @classmethod
     def for_array(cls, array) -> "ShardReader | None":
@@ -117,11 +122,10 @@ class ShardReader:
             size = self.shard_rows * 16 + 4
             file_size = os.fstat(fd).st_size
             raw = os.pread(fd, size, file_size - size) if file_size >= size else b""
-            if len(raw) != size or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            if len(raw) != size or not _checksum_ok(raw):
                 raise self._corrupt(shard, "its index")
             index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.shard_rows, 2)
-        with self._lock:
-            self._index[shard] = index
+        self._index[shard] = index
         return index
 
     def _corrupt(self, shard: int, what: str) -> CacheError:
@@ -156,7 +160,7 @@ class ShardReader:
                     continue
                 offset, length = int(offset), int(length)
                 data = whole[offset : offset + length] if whole is not None else np.frombuffer(os.pread(fd, length, offset), np.uint8)
-                if len(data) != length or google_crc32c.value(data[:-4]) != int.from_bytes(bytes(data[-4:]), "little"):
+                if len(data) != length or not _checksum_ok(data):
                     raise self._corrupt(shard, f"the chunk of row {shard * self.shard_rows + int(row)}")
                 self.decoder(data[:-4], out[dest])
         finally:
