@@ -69,10 +69,15 @@ def extract(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 or auto (default: the config's).")] = None,
     cache_dir: Annotated[Optional[str], typer.Option(help="Cache root: a folder or an fsspec URL.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a cache built with other settings.")] = False,
+    repair: Annotated[bool, typer.Option(help="Verify the cache (every checksum) and re-extract the shards found damaged.")] = False,
+    wait: Annotated[bool, typer.Option(help="If another extraction is writing the cache, wait for it instead of stopping.")] = False,
     set_: SetOpt = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
-    """Run DiffusionSat once over a split and write its features to the Zarr cache."""
+    """Run DiffusionSat once over a split and write its features to the Zarr cache.
+
+    A killed run resumes where it stopped; shards marked done whose files are missing are
+    extracted again, and --repair also re-extracts those `cache verify` finds damaged."""
     from pipeline.config import load_config
     from pipeline.extract import Extraction
 
@@ -83,7 +88,7 @@ def extract(
         extraction = Extraction(load_config(config, overrides), device)
         splits = ["train", "val", "test"] if split is Split.all else [split.value]
         for name in splits:
-            result = extraction.run(name, overwrite=overwrite, progress=progress)
+            result = extraction.run(name, overwrite=overwrite, progress=progress, repair=repair, wait=wait)
             rate = f", {result.images_per_second:.1f} img/s" if result.extracted else " (already complete)"
             typer.echo(f"{result.path}: {result.num_samples} samples, {result.extracted} extracted{rate}")
 
@@ -205,8 +210,12 @@ def format_info(info: dict) -> str:
         f"(ratio {info['compression_ratio']}, codec {info['codec']}, shards of {info['shard_size']})",
         f"cost         {info['unet_passes_per_image']} UNet passes per image; ledger {info['ledger']}",
         f"created      {info['created']} (code {info['code_version']})",
-        f"layers       {len(info['layers'])}:",
     ]
+    lacking = info["done_shards_lacking_files"]
+    if lacking:
+        lines.append(f"problem      {len(lacking)} shard(s) marked done lack stored objects ({sorted(lacking)}); "
+                     f"`satdifuser cache verify {info['path']}` names them")
+    lines.append(f"layers       {len(info['layers'])} (layer_idxs {info['layer_idxs']}):")
     lines += [f"  {name:<24} {'x'.join(map(str, shape))}" for name, shape in info["layers"].items()]
     return "\n".join(lines)
 
@@ -222,7 +231,8 @@ def cache_verify(path: Annotated[str, typer.Argument(help="Cache path or URL (..
     for line in problems:
         typer.echo(f"problem: {line}", err=True)
     if problems:
-        typer.echo(f"{path}: {len(problems)} problem(s)", err=True)
+        typer.echo(f"{path}: {len(problems)} problem(s); `satdifuser extract CONFIG --split SPLIT --repair` "
+                   "re-extracts the shards named", err=True)
         raise typer.Exit(1)
     typer.echo(f"{path}: ok")
 

@@ -1,8 +1,10 @@
 """Experiment configs in the reference's YAML layout, validated up front.
 
 An experiment file (``configs/*_exp.yaml``) lists ``base:`` files relative to its own folder
-(``_base_/diffusionsat.yaml``, ``tasks/meurosat.yaml``, ...); they are merged in order, dicts
-deeply, and the experiment's own keys win. Every key the reference reads is accepted with its
+(``_base_/diffusionsat.yaml``, ``tasks/meurosat.yaml``, ...); they are merged in order and the
+experiment's own keys win, then ``--set`` overrides. A later value replaces an earlier one whole,
+dicts included: ``layer_idxs: {up_blocks: {attn1: all}}`` selects the attn1 layers only, however
+many the base file named (merging it into the base's would quietly keep them all). Every key the reference reads is accepted with its
 default, so a reference experiment file runs unchanged; our own keys are marked below. Unknown
 keys and bad values are refused with the file, the key, the value and what is allowed.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from .backbone import layer_spec
 from .errors import UserError
 
 TASK_KINDS = ("classification", "multi_label_classification", "segmentation")
@@ -96,22 +99,6 @@ def _metadata(v):
         return "a list of numbers in [0, 1000] (DiffusionSat's normalised metadata)"
 
 
-def _layer_idxs(v):
-    text = "a mapping like {up_blocks: {attn1: all, conv2: [[1, 0], [2, 1]]}}"
-    if not isinstance(v, dict) or not v:
-        return text
-    for by_suffix in v.values():
-        if not isinstance(by_suffix, dict) or not by_suffix:
-            return text
-        for sel in by_suffix.values():
-            if sel == "all":
-                continue
-            if not isinstance(sel, (list, tuple)) or not all(
-                isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(i, int) for i in p) for p in sel
-            ):
-                return text
-
-
 def _field(default, check, ours=False):
     kw = {"default_factory": (lambda: default)} if isinstance(default, (dict, list)) else {"default": default}
     return field(metadata={"check": check, "ours": ours}, **kw)
@@ -130,7 +117,7 @@ class Config:
     metadata: list | None = _field(None, _optional(_metadata), ours=True)
     # --- extraction (_base_/satdifuser.yaml) ---
     fuser: str = _field("gw", _choice("gw", "lw", "moe"))
-    layer_idxs: dict = _field({"up_blocks": {"attn1": "all", "conv2": "all"}}, _layer_idxs)
+    layer_idxs: dict = _field({"up_blocks": {"attn1": "all", "conv2": "all"}}, layer_spec.check)
     projection_dim: int = _field(384, _int(1))
     save_timesteps: list = _field([47, 45, 40], _unique_labels)
     num_timesteps: int = _field(50, _int(1))
@@ -236,16 +223,6 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def deep_merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def _load_raw(path: Path, seen: tuple = ()) -> tuple[dict, dict]:
     """Merged values and, for each key, the file that set it."""
     if path.resolve() in seen:
@@ -257,9 +234,9 @@ def _load_raw(path: Path, seen: tuple = ()) -> tuple[dict, dict]:
     merged, origin = {}, {}
     for base in bases:
         base_values, base_origin = _load_raw(path.parent / str(base), seen + (path.resolve(),))
-        merged = deep_merge(merged, base_values)
+        merged.update(base_values)
         origin.update(base_origin)
-    merged = deep_merge(merged, data)
+    merged.update(data)
     origin.update({key: str(path) for key in data})
     return merged, origin
 
@@ -279,7 +256,7 @@ def _validate(values: dict, origin: dict) -> None:
 def load_config(path: str | Path, overrides: dict | None = None) -> Config:
     """Read, merge and validate an experiment config; ``overrides`` win over every file."""
     values, origin = _load_raw(Path(path))
-    values = deep_merge(values, overrides or {})
+    values.update(overrides or {})
     origin.update({key: "--set override" for key in overrides or {}})
     _validate(values, origin)
     cfg = Config(**values, source=str(path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ from . import __version__
 from .backbone.extractor import EXTRACTION_VERSION, BatchFeatures, ExtractionSettings, FeatureExtractor, precision
 from .backbone.loader import BackboneSpec, fingerprint, load_diffusionsat, read_scheduler_config
 from .backbone.schedule import Schedule, label_key
-from .cache.layout import ATTRS_KEY, CachePlan, feature_path, pooled_path, trajectory_path
-from .cache.store import CacheError, CacheMismatch, is_url
-from .cache.writer import CacheWriter
+from .cache.layout import ATTRS_KEY, CachePlan, array_specs, feature_path, pooled_path, trajectory_path
+from .cache.lock import WriterLock
+from .cache.store import CacheError, CacheMismatch, check_location, is_url
+from .cache.writer import CacheWriter, lacking_objects
 from .config import Config, ConfigError
 from .data.geobench_task import GeoBenchSplit, TaskSource, collate
 
@@ -121,37 +123,59 @@ class Extraction:
         return {"backbone": self._fingerprint, "extraction": extraction, "dataset": dataset.provenance()}
 
     def run(self, split: str, path: str | None = None, overwrite: bool = False,
-            replace_mismatched: bool = False, progress: bool = True) -> ExtractResult:
+            replace_mismatched: bool = False, progress: bool = True, repair: bool = False,
+            wait: bool = False) -> ExtractResult:
         """Fill ``path`` (default ``cfg.cache_path(split)``) with the features of one split.
 
         A cache built for the same request is resumed; one built for another request is refused
         (CacheMismatch naming the differing keys) unless ``overwrite``, or ``replace_mismatched``
         and the difference is not only the device: a partial cache made on a GPU is never
-        thrown away because the resuming machine has none.
+        thrown away because the resuming machine has none. A shard marked done is trusted only
+        when all its stored objects are there; ``repair`` also re-extracts the shards `cache
+        verify` finds damaged. One extraction writes a store at a time: another one is refused
+        with its holder named, or waited for with ``wait``. A complete cache is left as it is
+        without writing anything, so it may lie on read-only media.
         """
         cfg = self.cfg
         path = path or cfg.cache_path(split)
-        _check_writable(path)
+        check_location(path, writing=True)
         dataset = GeoBenchSplit(self.source, split)
         if len(dataset) == 0:
             raise ConfigError(f"{cfg.source}: split {split!r} of {cfg.dataset_name} has no samples")
         request = self.request(dataset)
-        writer = None
-        if not overwrite:
-            try:
-                writer = CacheWriter.reopen(path, request, self.storage_options)
-            except CacheMismatch as err:
-                if not replace_mismatched or all(d.startswith("extraction.precision") for d in err.diffs):
-                    raise CacheMismatch(path, err.diffs, "pass --overwrite to rebuild it, or run on the device "
-                                        "it was built with (--device, or params.yaml extract.device)") from None
-                log.warning("replacing %s, built with other settings: %s", path, "; ".join(err.diffs))
-        if writer is not None and not writer.pending_shards():
+        if not (overwrite or repair) and self._complete(path, request, replace_mismatched):
             log.info("cache %s is complete; nothing to extract", path)
             return ExtractResult(path, len(dataset), 0, 0.0, 0, 0)
-        if writer is None:
-            info = {"code_version": __version__, "unet_passes_per_image": self.schedule.unet_passes}
-            writer = CacheWriter.create(path, request, self._plan(dataset), info, self.storage_options)
-        return _run(cfg, dataset, self.extractor, writer, progress)
+        _check_writable(path)
+        with WriterLock(path, self.storage_options, wait=wait) as lock:
+            writer = None if overwrite else self._reopen(path, request, replace_mismatched, "r+")
+            if writer is not None:
+                _check_store_writable(writer)
+                _mend(writer, repair, self.storage_options)
+            if writer is None:
+                info = {"code_version": __version__, "unet_passes_per_image": self.schedule.unet_passes,
+                        "layer_catalog": self.extractor.catalog}
+                writer = CacheWriter.create(path, request, self._plan(dataset), info, self.storage_options)
+            if not writer.pending_shards():
+                return ExtractResult(path, len(dataset), 0, 0.0, 0, 0)
+            return _run(cfg, dataset, self.extractor, writer, progress, lock)
+
+    def _reopen(self, path: str, request: dict, replace_mismatched: bool, mode: str) -> CacheWriter | None:
+        """The cache at ``path`` built for ``request``; None when there is none or it is to be replaced."""
+        try:
+            return CacheWriter.reopen(path, request, self.storage_options, mode)
+        except CacheMismatch as err:
+            if not replace_mismatched or all(d.startswith("extraction.precision") for d in err.diffs):
+                raise CacheMismatch(path, err.diffs, "pass --overwrite to rebuild it, or run on the device "
+                                    "it was built with (--device, or params.yaml extract.device)") from None
+            log.warning("replacing %s, built with other settings: %s", path, "; ".join(err.diffs))
+            return None
+
+    def _complete(self, path: str, request: dict, replace_mismatched: bool) -> bool:
+        """Whether the cache at ``path`` holds every shard of ``request``, checked without writing."""
+        writer = self._reopen(path, request, replace_mismatched, "r")
+        return bool(writer is not None and not writer.pending_shards()
+                    and not lacking_objects(writer.root, writer.plan, writer.done_shards()))
 
     def _plan(self, dataset: GeoBenchSplit) -> CachePlan:
         cfg = self.cfg
@@ -191,6 +215,50 @@ def _check_writable(path: str) -> None:
         raise CacheError(f"the cache folder {parent} is not writable; set cache_dir elsewhere")
 
 
+def _check_store_writable(writer: CacheWriter) -> None:
+    """Fail before any shard is computed when an existing local store cannot take the writes a
+    shard makes: its root, every array's folder and its chunk folder, and a file in the root."""
+    if is_url(writer.path):
+        return
+    folders = [writer.path] + [os.path.join(writer.path, spec.name, sub) for spec in array_specs(writer.plan)
+                               for sub in ("", "c")]
+    for folder in folders:
+        if os.path.isdir(folder) and not os.access(folder, os.W_OK):
+            raise CacheError(f"cache {writer.path} is not writable ({folder}); make it writable or extract "
+                             "elsewhere (cache_dir)")
+    try:
+        with tempfile.TemporaryFile(dir=writer.path):
+            pass
+    except OSError as err:
+        raise CacheError(f"cache {writer.path} is not writable ({err.strerror}); make it writable or extract "
+                         "elsewhere (cache_dir)") from None
+
+
+def _mend(writer: CacheWriter, repair: bool, storage_options: dict | None) -> None:
+    """Clear the done marks the store cannot back: shards lacking stored objects (a listing), and
+    with ``repair`` every shard `cache verify` finds damaged; extraction then redoes them."""
+    lacking = lacking_objects(writer.root, writer.plan, writer.done_shards())
+    if lacking:
+        first = next(iter(lacking.values()))[0]
+        log.warning("%s: %d shard(s) marked done lack stored objects (e.g. %s); extracting them again: %s",
+                    writer.path, len(lacking), first, sorted(lacking))
+        writer.clear_done(lacking)
+    if not repair:
+        return
+    from .cache.audit import audit
+    from .cache.reader import open_cache
+
+    problems = audit(open_cache(writer.path, storage_options))
+    whole = [p.text for p in problems if not p.shards]
+    if whole:
+        raise CacheError(f"cache {writer.path} cannot be repaired shard by shard ({whole[0]}); rebuild it with --overwrite")
+    damaged = sorted({s for p in problems for s in p.shards} - set(writer.pending_shards()))
+    if damaged:
+        log.warning("%s: `cache verify` finds %d damaged shard(s); extracting them again: %s",
+                    writer.path, len(damaged), damaged)
+        writer.clear_done(damaged)
+
+
 def _shard_arrays(parts: list[BatchFeatures], labels: list[np.ndarray], names: list[str]) -> dict:
     arrays = {"latents": torch.cat([p.latents for p in parts]).numpy(),
               "labels": np.concatenate(labels), "sample_names": np.asarray(names, dtype=object)}
@@ -211,21 +279,17 @@ def _batches(plan: CachePlan, shards: list[int], batch_size: int) -> list[list[i
     return out
 
 
-def _write_and_count(writer: CacheWriter, shard: int, arrays: dict, passes_per_image: int) -> float:
-    """Write a shard, then add its work to the cache's ledger (so a killed run still counts); returns
-    the seconds it took."""
+def _write_and_count(writer: CacheWriter, shard: int, arrays: dict, work: dict, lock: WriterLock) -> float:
+    """Write a shard with its work for the ledger (counted before it is marked done, so a kill never
+    loses the count); returns the seconds it took."""
     start = time.perf_counter()
-    writer.write_shard(shard, arrays)
-    n = len(arrays["latents"])
-    ledger = dict(writer.root.attrs[ATTRS_KEY].get("ledger", {}))
-    ledger["unet_passes"] = ledger.get("unet_passes", 0) + n * passes_per_image
-    ledger["vae_passes"] = ledger.get("vae_passes", 0) + n
-    ledger["images_extracted"] = ledger.get("images_extracted", 0) + n
-    writer.update_info(ledger=ledger)
+    lock.check()
+    writer.write_shard(shard, arrays, work)
     return time.perf_counter() - start
 
 
-def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter, progress: bool) -> ExtractResult:
+def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter, progress: bool,
+         lock: WriterLock) -> ExtractResult:
     from tqdm.auto import tqdm
 
     plan = writer.plan
@@ -237,7 +301,7 @@ def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter,
     parts, labels, names = [], [], []
     shard_iter = iter(shards)
     shard = next(shard_iter)
-    started = time.perf_counter()
+    started = shard_started = time.perf_counter()
     write_seconds = wait_seconds = 0.0
     # One shard is written in the background while the next is computed; waiting for it before
     # handing over the next keeps memory at two shards.
@@ -255,7 +319,12 @@ def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter,
                     waited = time.perf_counter()
                     write_seconds += pending.result()
                     wait_seconds += time.perf_counter() - waited
-                pending = background.submit(_write_and_count, writer, shard, _shard_arrays(parts, labels, names), passes)
+                n, now = len(names), time.perf_counter()
+                work = {"unet_passes": n * passes, "vae_passes": n, "images_extracted": n,
+                        "extract_seconds": now - shard_started}
+                shard_started = now
+                pending = background.submit(_write_and_count, writer, shard, _shard_arrays(parts, labels, names),
+                                            work, lock)
                 parts, labels, names = [], [], []
                 shard = next(shard_iter, None)
         if pending is not None:
@@ -264,7 +333,6 @@ def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter,
             wait_seconds += time.perf_counter() - waited
     seconds = time.perf_counter() - started
     ledger = dict(writer.root.attrs[ATTRS_KEY]["ledger"])
-    ledger["extract_seconds"] = round(ledger.get("extract_seconds", 0) + seconds, 3)
     ledger["bytes_stored"] = sum(int(writer.root[name].nbytes_stored()) for name in writer.array_paths() + ["done"])
     writer.update_info(ledger=ledger)
     return ExtractResult(writer.path, plan.num_samples, todo, seconds, todo * passes, todo, write_seconds, wait_seconds)

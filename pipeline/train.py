@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .backbone.layer_spec import resolve_in_cache
 from .cache.reader import FeatureCache
 from .cache.store import CacheError
 from .config import Config
@@ -64,31 +64,16 @@ def prepare_labels(task: str, labels: torch.Tensor, device) -> torch.Tensor:
 # ---- selecting what the experiment asks for from what the cache holds --------------------------
 
 
-LAYER_NAME = re.compile(r"^(?P<block>.+?)_(?P<i>\d+)_(?P<suffix>.+)_(?P<j>\d+)$")
-
-
-def select_layers(layer_idxs: dict, held: list[str]) -> list[str]:
-    """Resolve a ``layer_idxs`` spec against cached layer names (``up_blocks_1_attn1_0``)."""
-    chosen = []
-    for name in held:
-        m = LAYER_NAME.match(name)
-        sel = m and layer_idxs.get(m["block"], {}).get(m["suffix"])
-        if sel == "all" or (sel and [int(m["i"]), int(m["j"])] in [list(p) for p in sel]):
-            chosen.append(name)
-    asked = {f"{b}_{i}_{s}_{j}" for b, by_suffix in layer_idxs.items() for s, sel in by_suffix.items()
-             if sel != "all" for i, j in sel}
-    lacking = sorted(asked - set(held))
-    if lacking or not chosen:
-        raise CacheError(f"the cache lacks layers {lacking or layer_idxs}; it holds {held}")
-    return chosen
-
-
 def feature_selection(cfg: Config, cache: FeatureCache) -> tuple[list[str], list[str]]:
+    """The timesteps and layers the experiment asks for, exactly: each must be in the cache, and
+    ``layer_idxs`` selects what it would select on the UNet, never what the cache happens to hold."""
     timesteps = [f"t{s}" for s in cfg.save_timesteps]
     lacking = [t for t in timesteps if t not in cache.timesteps]
     if lacking:
         raise CacheError(f"cache {cache.path} has no timesteps {lacking}; it holds {cache.timesteps}")
-    return timesteps, select_layers(cfg.layer_idxs, cache.layers)
+    layers = resolve_in_cache(cfg.layer_idxs, cache.layers, cache.layer_catalog,
+                              cache.request["extraction"]["layer_idxs"], cache.path)
+    return timesteps, layers
 
 
 def model_config(cfg: Config, layer_shapes: dict, timesteps: list[str]) -> ModelConfig:

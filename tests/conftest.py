@@ -94,3 +94,56 @@ def cached_demo(demo_root, tiny_backbone, tmp_path_factory):
         for split in ("train", "val", "test"):
             extraction.run(split, progress=False)
     return make
+
+
+@pytest.fixture
+def read_only():
+    """``with read_only(folder):`` makes a folder read-only for this process, as read-only media
+    would: by permissions for a normal user, by a read-only bind mount for root (whom permission
+    bits do not stop)."""
+    import contextlib
+    import subprocess
+
+    @contextlib.contextmanager
+    def make(folder):
+        folder = str(folder)
+        if os.geteuid() != 0:
+            subprocess.run(["chmod", "-R", "a-w", folder], check=True)
+            try:
+                yield
+            finally:
+                subprocess.run(["chmod", "-R", "u+w", folder], check=True)
+            return
+        mounted = subprocess.run(["mount", "--bind", folder, folder], capture_output=True).returncode == 0
+        if not mounted or subprocess.run(["mount", "-o", "remount,ro,bind", folder, folder],
+                                         capture_output=True).returncode:
+            if mounted:
+                subprocess.run(["umount", folder])
+            pytest.skip("cannot make a read-only folder here: not allowed to mount, and root ignores permissions")
+        try:
+            yield
+        finally:
+            subprocess.run(["umount", folder], check=True)
+
+    return make
+
+
+@pytest.fixture
+def write_exp(tmp_path, demo_root, tiny_backbone):
+    """``write_exp(**overrides)`` writes an experiment file for the tiny demo classification task,
+    as a user would, and returns its path."""
+    import pathlib
+
+    import yaml
+
+    def write(name: str = "exp.yaml", **overrides) -> pathlib.Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump({
+            "base": [str(pathlib.Path("configs/demo_cls_exp.yaml").resolve())],
+            "geobench_dir": str(demo_root), "pretrained_model_name_or_path": str(tiny_backbone.root),
+            "img_size": 64, "cache_dir": str(tmp_path / "cache"), "shard_size": 4, "num_workers": 0,
+            "device": "cpu", **overrides,
+        }))
+        return path
+
+    return write

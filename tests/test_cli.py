@@ -32,7 +32,8 @@ def test_extract_info_verify(exp_file, tmp_path):
     info = runner.invoke(app, ["cache", "info", str(cache)])
     assert info.exit_code == 0, info.output
     assert "8 of 8 done" in info.output and "t47 (UNet t=21), t45 (UNet t=61), t40 (UNet t=161)" in info.output
-    assert "layers       21:" in info.output and "10 UNet passes per image" in info.output
+    assert "layers       21 (layer_idxs {'up_blocks': {'attn1': 'all', 'conv2': 'all'}}):" in info.output
+    assert "10 UNet passes per image" in info.output
     as_json = json.loads(runner.invoke(app, ["cache", "info", str(cache), "--json"]).output)
     assert as_json["num_samples"] == 8 and len(as_json["layers"]) == 21
 
@@ -45,7 +46,13 @@ def test_extract_info_verify(exp_file, tmp_path):
     shard = next((cache / "features" / "t40").glob("*/c/1/0/0/0"))
     shard.unlink()
     bad = runner.invoke(app, ["cache", "verify", str(cache)])
-    assert bad.exit_code == 1 and "chunks missing" in bad.output
+    assert bad.exit_code == 1 and f"is marked done but 1 of its stored objects are missing: {shard.relative_to(cache)}" in bad.output
+    assert "--repair` re-extracts the shards named" in bad.output
+    info = runner.invoke(app, ["cache", "info", str(cache)])
+    assert info.exit_code == 0 and "problem      1 shard(s) marked done lack stored objects ([1])" in info.output
+    fixed = runner.invoke(app, ["extract", str(exp_file), "--split", "test", "--device", "cpu", "--no-progress"])
+    assert f"{cache}: 8 samples, 4 extracted" in fixed.output
+    assert runner.invoke(app, ["cache", "verify", str(cache)]).exit_code == 0
 
 
 def test_user_errors_are_one_line_with_exit_status_2(exp_file, tmp_path, tiny_backbone):

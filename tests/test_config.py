@@ -36,12 +36,21 @@ def test_reference_experiment_file_runs_unchanged(tmp_path):
     assert cfg.report_to == "wandb" and cfg.limited_label == 0.1 and cfg.dataset_name == "meurosat"
 
 
-def test_later_files_and_overrides_win_and_dicts_merge_deeply(tmp_path):
-    (tmp_path / "base.yaml").write_text("dataset_name: x\nlayer_idxs:\n  up_blocks:\n    attn1: all\n")
+def test_later_files_and_overrides_win_and_replace_dicts_whole(tmp_path):
+    (tmp_path / "base.yaml").write_text("dataset_name: x\nlayer_idxs:\n  up_blocks:\n    attn1: all\n    conv2: all\n")
     (tmp_path / "exp.yaml").write_text("base: [base.yaml]\nlayer_idxs:\n  up_blocks:\n    conv2: [[1, 0]]\n")
     cfg = load_config(tmp_path / "exp.yaml", {"latent": "mean"})
-    assert cfg.layer_idxs == {"up_blocks": {"attn1": "all", "conv2": [[1, 0]]}}
+    assert cfg.layer_idxs == {"up_blocks": {"conv2": [[1, 0]]}}  # not merged into the base's attn1: all
     assert cfg.latent == "mean"
+    over = load_config(tmp_path / "exp.yaml", {"layer_idxs": {"up_blocks": {"attn1": "all"}}})
+    assert over.layer_idxs == {"up_blocks": {"attn1": "all"}}
+
+
+def test_the_shipped_experiments_select_the_paper_layers_and_an_override_narrows_them():
+    base = load_config("configs/eurosat_exp.yaml")
+    assert base.layer_idxs == {"up_blocks": {"attn1": "all", "conv2": "all"}}
+    narrowed = load_config("configs/eurosat_exp.yaml", {"layer_idxs": {"up_blocks": {"attn1": "all"}}})
+    assert narrowed.layer_idxs == {"up_blocks": {"attn1": "all"}}
 
 
 @pytest.mark.parametrize(

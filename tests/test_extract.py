@@ -62,14 +62,14 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(make_config, tmp_path, 
     real_write = CacheWriter.write_shard
     calls = []
 
-    def dying_write(self, shard, arrays):
+    def dying_write(self, shard, arrays, work=None):
         calls.append(shard)
         if len(calls) == 3:  # write part of the third shard's arrays, then die
             for name in list(arrays)[: len(arrays) // 2]:
                 start, stop = self.plan.shard_range(shard)
                 self.root[name][start:stop] = arrays[name]
             raise KeyboardInterrupt("killed")
-        real_write(self, shard, arrays)
+        real_write(self, shard, arrays, work)
 
     monkeypatch.setattr(CacheWriter, "write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
@@ -182,3 +182,140 @@ def test_the_dvc_stage_extracts_with_params_yaml(make_config, tmp_path, monkeypa
     stage.main(["--config", "configs/demo_cls_exp.yaml", "--split", "test"])
     cache = open_cache("cache/demo-landcover/test.zarr")
     assert cache.complete and len(cache) == 8
+
+
+# ---- selections, damaged caches, overwrite, one writer ---------------------------------------------
+
+FEW = {"up_blocks": {"attn1": [[1, 0]], "conv2": [[3, 2]]}}  # two layers keep these tests quick
+
+
+def test_an_attn1_ablation_extracts_only_the_nine_attn1_layers(make_config):
+    cfg = make_config(layer_idxs={"up_blocks": {"attn1": "all"}})
+    cache = open_cache(extract_split(cfg, "test", progress=False).path)
+    assert cache.layers == [f"up_blocks_{i}_attn1_{j}" for i in (1, 2, 3) for j in range(3)]
+    assert cache.layer_catalog == {"up_blocks": {"attn1": [0, 3, 3, 3]}}
+    assert sorted(zarr.open_group(cache.path, mode="r")["features/t47"].array_keys()) == sorted(cache.layers)
+
+
+def test_a_selector_that_matches_nothing_stops_before_anything_is_written(make_config):
+    from pathlib import Path
+
+    from pipeline.backbone.layer_spec import LayerSpecError
+
+    cfg = make_config(layer_idxs={"up_blocks": {"attn1": "all", "attn9": "all"}})
+    with pytest.raises(LayerSpecError, match="layer_idxs up_blocks.attn9: all matches nothing"):
+        extract_split(cfg, "test", progress=False)
+    assert not Path(cfg.cache_path("test")).exists() and not Path(cfg.cache_path("test") + ".lock").exists()
+
+
+def test_a_done_shard_whose_files_are_gone_is_extracted_again(make_config, tmp_path):
+    from pathlib import Path
+
+    cfg = make_config(layer_idxs=FEW)
+    whole = extract_split(cfg, "train", path=str(tmp_path / "whole.zarr"), progress=False)
+    path = extract_split(cfg, "train", progress=False).path
+    (Path(path) / "features/t45/up_blocks_3_conv2_2/c/2/0/0/0").unlink()
+    (Path(path) / "labels/c/4").unlink()
+    with pytest.raises(CacheError, match=r"rows 8-11: its shard file .* is missing; run `satdifuser cache verify"):
+        open_cache(path).features([9])
+    with pytest.raises(CacheError, match=r"array labels, rows 16-19: its stored object labels/c/4 is missing"):
+        open_cache(path).labels([17])
+    again = extract_split(cfg, "train", progress=False)
+    assert again.extracted == 8  # shards 2 and 4, nothing else
+    a, b = all_arrays(whole.path), all_arrays(path)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert open_cache(path).attrs["ledger"]["images_extracted"] == 28  # 20, then the 8 done again
+
+
+def test_repair_re_extracts_the_shards_verify_finds_damaged(make_config):
+    from pathlib import Path
+
+    from pipeline.extract import Extraction
+
+    cfg = make_config(layer_idxs=FEW)
+    path = extract_split(cfg, "train", progress=False).path
+    want = all_arrays(path)
+    chunk = Path(path) / "pooled/t47/up_blocks_1_attn1_0/c/1/0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=r"array pooled/t47/up_blocks_1_attn1_0, row 5: cannot be read \(ValueError: Stored and computed checksum"):
+        open_cache(path).pooled([5])
+    # Every file is there, so a plain run trusts the cache; only a verify reads every checksum.
+    assert extract_split(cfg, "train", progress=False).extracted == 0
+    repaired = Extraction(cfg).run("train", repair=True, progress=False)
+    assert repaired.extracted == 4 and verify_cache(open_cache(path)) == []
+    for name, value in want.items():
+        np.testing.assert_array_equal(value, all_arrays(path)[name], err_msg=name)
+
+
+def test_a_complete_cache_on_read_only_media_is_read_and_left_alone(make_config, read_only):
+    from pathlib import Path
+
+    cfg = make_config(layer_idxs=FEW)
+    path = extract_split(cfg, "test", progress=False).path
+    with read_only(Path(path).parent):
+        assert extract_split(cfg, "test", progress=False).extracted == 0
+        cache = open_cache(path)
+        assert cache.features([0, 7])["t47"]["up_blocks_1_attn1_0"].shape[0] == 2 and verify_cache(cache) == []
+
+
+def test_a_read_only_cache_with_work_left_is_refused_before_computing(make_config, read_only):
+    from pathlib import Path
+
+    cfg = make_config(layer_idxs=FEW)
+    path = extract_split(cfg, "train", progress=False).path
+    CacheWriter.reopen(path, open_cache(path).request).clear_done([1])
+    with read_only(path):
+        with pytest.raises(CacheError, match=f"cache {path} is not writable"):
+            extract_split(cfg, "train", progress=False)
+    assert open_cache(path).done.sum() == 16
+
+
+KILL_AT = """
+import os, signal, sys
+import zarr
+from pipeline.cache.writer import CacheWriter
+from pipeline.config import load_config
+from pipeline.extract import Extraction
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if sys.argv[2] == "emptying":  # the old store's first array is deleted, then the process dies
+    delete = zarr.Group.__delitem__
+    zarr.Group.__delitem__ = lambda self, key: (delete(self, key), die())
+else:  # the first shard of the new store is written, then the process dies
+    write = CacheWriter.write_shard
+    CacheWriter.write_shard = lambda self, *a: die() if self.done_shards() else write(self, *a)
+Extraction(load_config(sys.argv[1])).run("train", overwrite=True, progress=False)
+"""
+
+
+@pytest.mark.parametrize("moment", ["emptying", "writing"])
+def test_a_killed_overwrite_never_leaves_a_store_that_claims_to_be_complete(write_exp, tmp_path, moment):
+    import subprocess
+    import sys
+
+    from pipeline.config import load_config
+    from pipeline.extract import Extraction
+
+    old_exp = write_exp("old.yaml", layer_idxs=FEW)
+    new_exp = write_exp("new.yaml", layer_idxs=FEW, prompt="A satellite image of farms")
+    path = Extraction(load_config(old_exp)).run("train", progress=False).path
+    wanted = Extraction(load_config(new_exp)).run("train", path=str(tmp_path / "wanted.zarr"), progress=False)
+    killed = subprocess.run([sys.executable, "-c", KILL_AT, str(new_exp), moment], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    try:
+        cache = open_cache(path)
+        assert cache.request["extraction"]["prompt"] == "A satellite image of farms" and not cache.complete
+    except CacheError as err:
+        assert "is being created or replaced and holds nothing yet" in str(err)
+    resumed = Extraction(load_config(new_exp)).run("train", progress=False)  # no --overwrite needed
+    assert resumed.extracted == (20 if moment == "emptying" else 16)
+    a, b = all_arrays(wanted.path), all_arrays(path)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)

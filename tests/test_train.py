@@ -4,17 +4,15 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.backbone.layer_spec import LayerSpecError
 from pipeline.cache.batches import CacheBatches
 from pipeline.cache.reader import open_cache
 from pipeline.cache.store import CacheError
 from pipeline.fit import cached_splits, live_splits, open_split_caches
 from pipeline.model import FusionModel
 from pipeline.train import (
-    INIT_LR, WarmupCosine, criterion, feature_selection, model_config, prepare_labels, select_layers, to_device, train,
+    INIT_LR, WarmupCosine, criterion, feature_selection, model_config, prepare_labels, to_device, train,
 )
-
-HELD = ["up_blocks_0_conv2_0", "up_blocks_1_attn1_0", "up_blocks_1_attn1_1", "up_blocks_1_conv2_0"]
-
 
 def test_schedule_is_the_references_per_epoch_warmup_then_cosine():
     opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.01)
@@ -31,19 +29,23 @@ def test_schedule_is_the_references_per_epoch_warmup_then_cosine():
     assert lrs[40] == lrs[41] == pytest.approx(1e-5)
 
 
-def test_layer_selection_follows_the_grammar_on_cached_names():
-    assert select_layers({"up_blocks": {"attn1": "all"}}, HELD) == HELD[1:3]
-    assert select_layers({"up_blocks": {"attn1": [[1, 1]], "conv2": [[0, 0]]}}, HELD) == [HELD[0], HELD[2]]
-    with pytest.raises(CacheError, match=r"lacks layers \['up_blocks_3_attn1_0'\]; it holds"):
-        select_layers({"up_blocks": {"attn1": [[3, 0]]}}, HELD)
+def test_an_attn1_ablation_trains_on_the_nine_attn1_layers_and_nothing_else(cached_demo):
+    caches = open_split_caches(cached_demo())
+    assert len(caches["train"].layers) == 21
+    cfg = cached_demo(layer_idxs={"up_blocks": {"attn1": "all"}})
+    timesteps, layers = feature_selection(cfg, caches["train"])
+    assert timesteps == ["t47", "t45", "t40"]
+    assert layers == [f"up_blocks_{i}_attn1_{j}" for i in (1, 2, 3) for j in range(3)]
 
 
 def test_a_subset_of_the_cache_is_selected_and_missing_timesteps_are_named(cached_demo):
-    cfg = cached_demo(save_timesteps=[45], layer_idxs={"up_blocks": {"attn1": [], "conv2": [[1, 0], [3, 2]]}})
+    cfg = cached_demo(save_timesteps=[45], layer_idxs={"up_blocks": {"conv2": [[1, 0], [3, 2]]}})
     caches = open_split_caches(cfg)
     assert feature_selection(cfg, caches["train"]) == (["t45"], ["up_blocks_1_conv2_0", "up_blocks_3_conv2_2"])
     with pytest.raises(CacheError, match=r"no timesteps \['t30'\]; it holds \['t47', 't45', 't40'\]"):
         feature_selection(cached_demo(save_timesteps=[30]), caches["train"])
+    with pytest.raises(LayerSpecError, match=r"pair \[0, 0\] matches nothing in cache .*attn1 modules are in up_blocks 1"):
+        feature_selection(cached_demo(layer_idxs={"up_blocks": {"attn1": [[0, 0]]}}), caches["train"])
 
 
 def test_caches_built_for_other_settings_are_refused(cached_demo):

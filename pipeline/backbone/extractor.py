@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
-from .layers import Layer, as_map, capture, select_layers
+from .layers import Layer, as_map, capture, catalog, select_layers
 from .loader import DiffusionSat
 from .schedule import Schedule, label_key
 
@@ -100,6 +100,9 @@ class FeatureExtractor:
             model.scheduler_config, settings.num_timesteps, settings.save_timesteps, settings.mode
         )
         self.layers: list[Layer] = select_layers(model.unet, settings.layer_idxs)
+        # What the UNet has for the selection's blocks and suffixes; stored in the cache, so that a
+        # fit resolves its own selection exactly (layer_spec).
+        self.catalog = catalog(model.unet, settings.layer_idxs)
         with torch.no_grad(), self._autocast():
             self.cond = encode_prompt(model.tokenizer, model.text_encoder, settings.prompt, self.device)
         self._metadata = self._metadata_vector()

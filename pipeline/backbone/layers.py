@@ -1,16 +1,5 @@
-"""Which UNet layers to hook, and hooks that leave nothing behind on the modules.
-
-The layer grammar is the reference's ``layer_idxs``::
-
-    layer_idxs:
-      up_blocks:          # an attribute of the UNet (a ModuleList or a single block)
-        attn1: all        # every submodule whose name ends in "attn1", in every block
-        conv2: [[1, 0], [3, 2]]   # or (block i, match j) pairs
-
-A selected module is named ``{block}_{i}_{suffix}_{j}``: ``up_blocks_1_attn1_0`` is the first
-``attn1`` of ``up_blocks[1]``. The order is the reference's: block name, block index, suffix (in
-the order written), match index.
-"""
+"""The UNet layers a ``layer_idxs`` selects (grammar in ``layer_spec``), and hooks that leave
+nothing behind on the modules."""
 
 from __future__ import annotations
 
@@ -21,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import UserError
+from .layer_spec import LayerSpecError, layer_name, resolve
 
 
 @dataclass(frozen=True)
@@ -38,29 +27,38 @@ def _modules_with_suffix(block: nn.Module, suffix: str) -> list[nn.Module]:
     return found
 
 
-def _wanted(selection, i: int, j: int) -> bool:
-    if selection == "all":
-        return True
-    return any(int(p[0]) == i and int(p[1]) == j for p in selection)
+def _blocks(unet: nn.Module, block_name: str) -> list[nn.Module]:
+    blocks = getattr(unet, block_name, None)
+    if not isinstance(blocks, nn.Module):
+        children = ", ".join(name for name, _ in unet.named_children())
+        raise LayerSpecError(f"layer_idxs names block {block_name!r}, which the UNet does not have (it has {children})")
+    return list(blocks) if isinstance(blocks, nn.ModuleList) else [blocks]
+
+
+def catalog(unet: nn.Module, layer_idxs: dict) -> dict:
+    """How many modules end in each suffix of ``layer_idxs``, per block (see ``layer_spec``)."""
+    return {block_name: {suffix: [len(_modules_with_suffix(b, suffix)) for b in _blocks(unet, block_name)]
+                         for suffix in by_suffix}
+            for block_name, by_suffix in layer_idxs.items()}
+
+
+def _module_suffixes(unet: nn.Module, block_name: str) -> str:
+    names = {name.rsplit(".", 1)[-1] for b in _blocks(unet, block_name) for name, _ in b.named_modules() if name}
+    return ", ".join(sorted(n for n in names if not n.isdigit()))
 
 
 def select_layers(unet: nn.Module, layer_idxs: dict) -> list[Layer]:
-    """Resolve a ``layer_idxs`` spec against ``unet``; raise UserError for names it lacks."""
-    layers = []
+    """The modules ``layer_idxs`` selects, named and ordered as the reference does; a selector that
+    matches no module is an error naming it and what the UNet has."""
+    names = resolve(layer_idxs, catalog(unet, layer_idxs),
+                    hint=lambda block: f"; the modules of {block} end in: {_module_suffixes(unet, block)}")
+    modules = {}
     for block_name, by_suffix in layer_idxs.items():
-        blocks = getattr(unet, block_name, None)
-        if blocks is None:
-            raise UserError(f"layer_idxs names block {block_name!r}, which the UNet does not have")
-        if not isinstance(blocks, nn.ModuleList):
-            blocks = [blocks]
-        for i, block in enumerate(blocks):
-            for suffix, selection in by_suffix.items():
+        for i, block in enumerate(_blocks(unet, block_name)):
+            for suffix in by_suffix:
                 for j, module in enumerate(_modules_with_suffix(block, suffix)):
-                    if _wanted(selection, i, j):
-                        layers.append(Layer(f"{block_name}_{i}_{suffix}_{j}", module))
-    if not layers:
-        raise UserError(f"layer_idxs {layer_idxs} selects no layer of the UNet")
-    return layers
+                    modules[layer_name(block_name, i, suffix, j)] = module
+    return [Layer(name, modules[name]) for name in names]
 
 
 def as_map(output: torch.Tensor) -> torch.Tensor:

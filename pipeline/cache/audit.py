@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from .layout import feature_path, pooled_path, trajectory_path
+from .layout import array_specs, feature_path, pooled_path
 from .reader import FeatureCache
+from .store import CacheError, DamagedData
+from .writer import lacking_objects
 
 
 def _stored_bytes(array) -> int:
@@ -18,20 +20,23 @@ def cache_info(cache: FeatureCache) -> dict:
     """Contents, sizes on disk and provenance of a cache."""
     plan = cache.plan
     n = plan.num_samples
-    feat_raw = feat_disk = 0
-    for t in plan.timesteps:
-        for layer in plan.layer_shapes:
-            array = cache.root[feature_path(t, layer)]
+    feat_raw = feat_disk = other_disk = 0
+    for spec in array_specs(plan):
+        array = cache.array(spec.name)
+        if spec.name.startswith("features/"):
             feat_raw += array.nbytes
             feat_disk += _stored_bytes(array)
-    other_disk = sum(_stored_bytes(cache.root[name]) for name in _other_arrays(cache))
+        else:
+            other_disk += _stored_bytes(array)
     attrs = cache.attrs
+    request = cache.request
     return {
         "path": cache.path,
         "num_samples": n,
         "done": int(cache.done.sum()),
-        "timesteps": {t: attrs["request"]["extraction"].get("unet_timesteps", {}).get(t) for t in plan.timesteps},
+        "timesteps": {t: request["extraction"].get("unet_timesteps", {}).get(t) for t in plan.timesteps},
         "layers": {k: list(v) for k, v in plan.layer_shapes.items()},
+        "layer_idxs": request["extraction"].get("layer_idxs"),
         "shard_size": plan.shard_size,
         "codec": plan.codec,
         "feature_bytes_raw_fp16": feat_raw,
@@ -41,105 +46,117 @@ def cache_info(cache: FeatureCache) -> dict:
         "bytes_per_image": round((feat_disk + other_disk) / n) if n else 0,
         "unet_passes_per_image": attrs.get("unet_passes_per_image"),
         "ledger": attrs.get("ledger", {}),
-        "backbone": attrs["request"]["backbone"]["id"],
-        "extraction": attrs["request"]["extraction"],
-        "dataset": attrs["request"]["dataset"],
+        "backbone": request["backbone"]["id"],
+        "extraction": request["extraction"],
+        "dataset": request["dataset"],
         "created": attrs.get("created"),
         "code_version": attrs.get("code_version"),
+        "done_shards_lacking_files": _lacking_files(cache),
     }
 
 
-def _other_arrays(cache: FeatureCache) -> list[str]:
-    plan = cache.plan
-    names = ["latents", "labels", "sample_names", "done"]
-    for t in plan.timesteps:
-        names.append(trajectory_path(t))
-        names += [pooled_path(t, layer) for layer in plan.layer_shapes]
-    return names
+@dataclass(frozen=True)
+class Problem:
+    """One finding of `cache verify`; ``shards`` are the shards re-extracting would mend (none: the
+    cache cannot be mended shard by shard)."""
+
+    text: str
+    shards: tuple[int, ...] = ()
 
 
 def verify_cache(cache: FeatureCache, rtol: float = 2e-3, atol: float = 1e-3) -> list[str]:
-    """Every problem found, as one line each; an empty list means the cache is sound.
+    """Every problem found, as one line each; an empty list means the cache is sound."""
+    return [p.text for p in audit(cache, rtol, atol)]
 
-    Checks: every unit done; every array present with the planned shape and all its shards
-    stored (a missing shard would silently read as zeros); every byte readable (checksums catch
+
+def audit(cache: FeatureCache, rtol: float = 2e-3, atol: float = 1e-3) -> list[Problem]:
+    """Every problem found (see ``verify_cache``).
+
+    Checks: every shard done; every array present with the planned shape; every shard marked done
+    stored in every array (a missing one would read as zeros) and readable (checksums catch
     truncation and corruption); pooled vectors equal the spatial mean of the stored maps.
     """
     plan = cache.plan
     problems = []
-    if not cache.done.all():
-        problems.append(f"{int((~cache.done).sum())} of {plan.num_samples} samples are not marked done")
-    for name, shape in _planned_shapes(plan).items():
-        # Feature maps are read once, by the pooled check below.
-        problems += _check_array(cache, name, shape, read=not name.startswith("features/"))
-    if problems:
-        return problems
-    for t in plan.timesteps:
-        for layer in plan.layer_shapes:
-            problems += _check_pooled(cache, t, layer, rtol, atol)
+    pending = [s for s in range(plan.num_shards) if not cache.done[slice(*plan.shard_range(s))].all()]
+    for shard in pending:
+        try:  # a damaged done chunk reads as not done: say so, it is not merely unfinished work
+            cache.array("done")[slice(*plan.shard_range(shard))]
+        except Exception as err:
+            problems.append(Problem(f"done: shard {shard} (rows {_rows(plan, shard)}): cannot be read "
+                                    f"({type(err).__name__})", (shard,)))
+    if pending:
+        problems.insert(0, Problem(f"{int((~cache.done).sum())} of {plan.num_samples} samples are not marked done "
+                                f"(shards {_short(pending)}); `satdifuser extract` resumes them", tuple(pending)))
+    structure = []
+    for spec in array_specs(plan):
+        try:
+            cache.array(spec.name)
+        except CacheError as err:
+            structure.append(Problem(f"{spec.name}: {_reason(err)}"))
+    if structure:  # shards cannot be checked, nor mended one by one
+        return problems + structure
+    done = [s for s in range(plan.num_shards) if s not in set(pending)]
+    lacking = _lacking_files(cache, done)
+    for shard, keys in lacking.items():
+        problems.append(Problem(f"shard {shard} (rows {_rows(plan, shard)}) is marked done but {len(keys)} of its "
+                                f"stored objects are missing: {_short(keys)}", (shard,)))
+    for shard in done:
+        if shard not in lacking:
+            problems += _check_shard(cache, shard, rtol, atol)
     return problems
 
 
-def _planned_shapes(plan) -> dict:
-    n = plan.num_samples
-    shapes = {"latents": (n, *plan.latent_shape), "labels": (n, *plan.label_shape), "sample_names": (n,), "done": (n,)}
+def _rows(plan, shard: int) -> str:
+    start, stop = plan.shard_range(shard)
+    return f"{start}-{stop - 1}"
+
+
+def _short(items: list, limit: int = 6) -> str:
+    shown = ", ".join(map(str, items[:limit]))
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _reason(err: Exception) -> str:
+    return err.what if isinstance(err, DamagedData) else str(err)
+
+
+def _lacking_files(cache: FeatureCache, shards: list[int] | None = None) -> dict[int, list[str]]:
+    """Done shards (or ``shards``) whose stored objects are not all there, with the missing keys."""
+    if shards is None:
+        shards = [s for s in range(cache.plan.num_shards) if cache.done[slice(*cache.plan.shard_range(s))].all()]
+    return lacking_objects(cache.root, cache.plan, shards)
+
+
+def _check_shard(cache: FeatureCache, shard: int, rtol: float, atol: float) -> list[Problem]:
+    """Every array of one shard read (checksums), and its pooled vectors against its maps."""
+    plan = cache.plan
+    rows = np.arange(*plan.shard_range(shard))
+    where = f"shard {shard} (rows {_rows(plan, shard)})"
+    problems = []
+
+    def read(name):
+        try:
+            return cache._read(name, rows)
+        except CacheError as err:
+            problems.append(Problem(f"{name}: {where}: {_reason(err)}", (shard,)))
+            return None
+
+    for spec in array_specs(plan)[:-1]:
+        if not spec.name.startswith(("features/", "pooled/")):
+            read(spec.name)
     for t in plan.timesteps:
-        shapes[trajectory_path(t)] = (n, *plan.latent_shape)
-        for layer, shape in plan.layer_shapes.items():
-            shapes[feature_path(t, layer)] = (n, *shape)
-            shapes[pooled_path(t, layer)] = (n, shape[0])
-    return shapes
-
-
-def _read(array, start: int, step: int):
-    try:
-        return array[start : start + step], None
-    except Exception as err:  # codec and checksum errors come in several types
-        rows = f"rows {start}-{min(start + step, array.shape[0]) - 1}"
-        return None, f"{array.path}: {rows} unreadable ({type(err).__name__}: {err})"
-
-
-def _expected_chunks(array) -> int:
-    """Chunks a complete array stores; zarr counts every inner chunk slot of a stored shard."""
-    if array.shards is None:
-        return array.nchunks
-    shards = math.prod(-(-n // s) for n, s in zip(array.shape, array.shards))
-    return shards * math.prod(s // c for s, c in zip(array.shards, array.chunks))
-
-
-def _check_array(cache: FeatureCache, name: str, shape: tuple, read: bool) -> list[str]:
-    try:
-        array = cache.root[name]
-    except KeyError:
-        return [f"{name}: missing"]
-    if tuple(array.shape) != tuple(shape):
-        return [f"{name}: shape {tuple(array.shape)}, planned {tuple(shape)}"]
-    # A missing chunk or shard silently reads as zeros: count what the store holds.
-    expected, stored = _expected_chunks(array), array.nchunks_initialized
-    if stored != expected:
-        return [f"{name}: {expected - stored} of {expected} chunks missing"]
-    step = cache.plan.shard_size
-    for start in range(0, shape[0], step) if read else ():
-        error = _read(array, start, step)[1]
-        if error:
-            return [error]
-    return []
-
-
-def _check_pooled(cache: FeatureCache, t: str, layer: str, rtol: float, atol: float) -> list[str]:
-    maps = cache.root[feature_path(t, layer)]
-    pooled = cache.root[pooled_path(t, layer)]
-    step = cache.plan.shard_size
-    for start in range(0, maps.shape[0], step):
-        rows, error = _read(maps, start, step)
-        if error:
-            return [error]
-        values = rows.astype(np.float32)
-        mean, stored = values.mean(axis=(2, 3)), pooled[start : start + step]
-        # Pooled vectors are means of the activations before their rounding to float16, so they
-        # may differ from the stored maps' means by up to half an fp16 step of the largest value.
-        scale = np.abs(values).max(axis=(2, 3))
-        if not np.all(np.abs(mean - stored) <= atol + rtol * scale):
-            err = float(np.abs(mean - stored).max())
-            return [f"pooled/{t}/{layer}: differs from the mean of its maps by {err:.3g} at rows {start}+"]
-    return []
+        for layer in plan.layer_shapes:
+            maps, pooled = read(feature_path(t, layer)), read(pooled_path(t, layer))
+            if maps is None or pooled is None:
+                continue
+            values = maps.astype(np.float32)
+            mean = values.mean(axis=(2, 3))
+            # Pooled vectors are means of the activations before their rounding to float16, so they
+            # may differ from the stored maps' means by up to half an fp16 step of the largest value.
+            scale = np.abs(values).max(axis=(2, 3))
+            if not np.all(np.abs(mean - pooled) <= atol + rtol * scale):
+                err = float(np.abs(mean - pooled).max())
+                problems.append(Problem(f"{pooled_path(t, layer)}: {where}: differs from the mean of its maps by "
+                                        f"{err:.3g}", (shard,)))
+    return problems

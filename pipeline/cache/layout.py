@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import zarr.codecs as zc
 
+
 FORMAT_VERSION = 1
 ATTRS_KEY = "satdifuser"
 
@@ -87,9 +88,78 @@ class CachePlan:
         }
 
     @classmethod
-    def from_attrs(cls, attrs: dict) -> "CachePlan":
-        return cls(
-            attrs["num_samples"], attrs["shard_size"], tuple(attrs["timesteps"]),
-            {k: tuple(v) for k, v in attrs["layer_shapes"].items()}, tuple(attrs["latent_shape"]),
-            tuple(attrs["label_shape"]), attrs["label_dtype"], attrs["codec"],
-        )
+    def from_attrs(cls, attrs) -> "CachePlan":
+        """The plan stored in a cache's attributes; ValueError naming the first key that is wrong."""
+        if not isinstance(attrs, dict):
+            raise ValueError("its plan is missing")
+        try:
+            plan = cls(
+                attrs["num_samples"], attrs["shard_size"], tuple(attrs["timesteps"]),
+                {k: tuple(v) for k, v in attrs["layer_shapes"].items()}, tuple(attrs["latent_shape"]),
+                tuple(attrs["label_shape"]), attrs["label_dtype"], attrs["codec"],
+            )
+        except KeyError as err:
+            raise ValueError(f"its plan lacks {err.args[0]!r}") from None
+        except (TypeError, AttributeError):
+            raise ValueError("its plan is not a mapping of lists") from None
+        plan._check()
+        return plan
+
+    def _check(self) -> None:
+        def sizes(v, n=None):
+            return isinstance(v, tuple) and (n is None or len(v) == n) and all(
+                isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+
+        checks = [
+            ("num_samples", isinstance(self.num_samples, int) and 0 <= self.num_samples < 2**40),
+            ("shard_size", isinstance(self.shard_size, int) and 0 < self.shard_size < 2**31),
+            ("timesteps", all(isinstance(t, str) and t for t in self.timesteps) and self.timesteps),
+            ("layer_shapes", all(isinstance(k, str) and sizes(v, 3) for k, v in self.layer_shapes.items())),
+            ("latent_shape", sizes(self.latent_shape, 3)),
+            ("label_shape", sizes(self.label_shape) and len(self.label_shape) <= 2),
+            ("label_dtype", self.label_dtype in ("int64", "uint8", "int32", "int16", "bool")),
+            ("codec", self.codec in CODECS),
+        ]
+        for key, ok in checks:
+            if not ok:
+                raise ValueError(f"its plan has an invalid {key} ({getattr(self, key)!r})")
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of the layout: what the writer creates and every audit expects."""
+
+    name: str
+    shape: tuple  # (N, ...)
+    chunks: tuple
+    shards: tuple | None
+    dtype: str
+    description: str
+
+    @property
+    def rows_per_file(self) -> int:
+        """Rows in one stored object: one shard, whether sharded or chunked by shard."""
+        return (self.shards or self.chunks)[0]
+
+
+def array_specs(plan: CachePlan) -> list[ArraySpec]:
+    """Every array a cache of ``plan`` holds, ``done`` last: the one enumeration of the layout."""
+    n, s = plan.num_samples, plan.shard_size
+
+    def per_shard(name, shape, dtype, what):
+        return ArraySpec(name, (n, *shape), (s, *shape), None, dtype, what)
+
+    specs = []
+    for t in plan.timesteps:
+        for layer, shape in plan.layer_shapes.items():
+            # One chunk per image so a batch reads only its images; shards keep file counts low.
+            specs.append(ArraySpec(feature_path(t, layer), (n, *shape), (1, *shape), (s, *shape), "float16",
+                                   f"feature maps of {layer} at label {t}"))
+            specs.append(per_shard(pooled_path(t, layer), (shape[0],), "float32",
+                                   f"spatial means of {layer} at label {t}"))
+        specs.append(per_shard(trajectory_path(t), plan.latent_shape, "float32", f"UNet input x_t of label {t}"))
+    specs.append(per_shard("latents", plan.latent_shape, "float32", "VAE latents, scaled"))
+    specs.append(per_shard("labels", plan.label_shape, plan.label_dtype, "labels"))
+    specs.append(ArraySpec("sample_names", (n,), (s,), None, "str", "sample names"))
+    specs.append(ArraySpec("done", (n,), (s,), None, "bool", "shards written in full"))
+    return specs

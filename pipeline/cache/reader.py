@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .layout import ATTRS_KEY, FORMAT_VERSION, CachePlan, feature_path, pooled_path, trajectory_path
+from .layout import ATTRS_KEY, FORMAT_VERSION, CachePlan, array_specs, feature_path, pooled_path, trajectory_path
 from .shards import ShardReader
-from .store import CacheError, CacheMismatch, differences, open_root
+from .store import CacheError, CacheMismatch, ChunkPresence, DamagedData, differences, open_root
+from .writer import CREATING_KEY, object_key
 
 # Feature maps of one batch are read an array per thread: file reads and blosc/zstd decoding
 # release the GIL, so this scales with cores when maps are large. Below PARALLEL_BYTES per array
@@ -52,16 +53,22 @@ def open_cache(path: str, storage_options: dict | None = None, expect: dict | No
     """
     try:
         root = open_root(path, "r", storage_options)
+    except CacheError:
+        raise
     except FileNotFoundError:
         raise CacheError(f"no cache at {path}; run `satdifuser extract` first") from None
     except Exception as err:  # zarr raises several kinds for "not a group here"
         raise CacheError(f"no cache at {path} ({type(err).__name__}); run `satdifuser extract` first") from None
     attrs = root.attrs.get(ATTRS_KEY)
     if attrs is None:
+        if root.attrs.get(CREATING_KEY):
+            raise CacheError(f"cache {path} is being created or replaced and holds nothing yet; run `satdifuser "
+                             "extract` to finish it")
         raise CacheError(f"{path} is a Zarr store but not a feature cache (no '{ATTRS_KEY}' attributes)")
-    if attrs.get("format_version") != FORMAT_VERSION:
+    if not isinstance(attrs, dict) or attrs.get("format_version") != FORMAT_VERSION:
+        version = attrs.get("format_version") if isinstance(attrs, dict) else None
         raise CacheError(
-            f"cache {path} has format version {attrs.get('format_version')}, this version reads "
+            f"cache {path} has format version {version}, this version reads "
             f"{FORMAT_VERSION}; rebuild it with `satdifuser extract --overwrite`"
         )
     cache = FeatureCache(root, path, attrs, direct_reads)
@@ -80,9 +87,20 @@ class FeatureCache:
         self.root = root
         self.path = path
         self.attrs = attrs
-        self.plan = CachePlan.from_attrs(attrs["plan"])
+        try:
+            self.plan = CachePlan.from_attrs(attrs.get("plan"))
+            if not isinstance(attrs.get("request"), dict):
+                raise ValueError("its request is missing")
+        except ValueError as err:
+            raise CacheError(f"cache {path} has damaged attributes: {err}; re-extract it with "
+                             "`satdifuser extract --overwrite`") from None
+        self.specs = {spec.name: spec for spec in array_specs(self.plan)}
         self.direct_reads = direct_reads
+        self._arrays: dict = {}
         self._readers: dict[str, ShardReader | None] = {}
+        self._present: set[tuple[str, int]] = set()
+        self._presence: ChunkPresence | None = None
+        self.array("done")  # its shape must agree with the plan before anything is trusted
 
     # --- what it holds -----------------------------------------------------------------------
     @property
@@ -104,6 +122,21 @@ class FeatureCache:
     def __len__(self) -> int:
         return self.plan.num_samples
 
+    def array(self, name: str):
+        """The zarr array ``name``, refused when it is missing or shaped unlike the plan."""
+        if name not in self._arrays:
+            spec = self.specs.get(name)
+            try:
+                array = self.root[name]
+            except KeyError:
+                raise CacheError(f"cache {self.path} lacks its array {name}; run `satdifuser cache verify "
+                                 f"{self.path}` and re-extract") from None
+            if spec is not None and tuple(array.shape) != spec.shape:
+                raise CacheError(f"cache {self.path}: array {name} has shape {tuple(array.shape)}, its attributes "
+                                 f"say {spec.shape}; re-extract it with `satdifuser extract --overwrite`")
+            self._arrays[name] = array
+        return self._arrays[name]
+
     @cached_property
     def done(self) -> np.ndarray:
         """Done flags; a shard whose flags cannot be read counts as not done."""
@@ -111,7 +144,7 @@ class FeatureCache:
         for shard in range(self.plan.num_shards):
             rows = slice(*self.plan.shard_range(shard))
             try:
-                done[rows] = self.root["done"][rows]
+                done[rows] = self.array("done")[rows]
             except Exception:  # a damaged chunk: `cache verify` names it
                 pass
         return done
@@ -122,7 +155,18 @@ class FeatureCache:
 
     @cached_property
     def sample_names(self) -> list[str]:
-        return [str(s) for s in self.root["sample_names"][:]]
+        """Every row's name; rows not done yet have an empty one."""
+        done = np.flatnonzero(self.done)
+        names = [""] * len(self)
+        for row, name in zip(done, self._read("sample_names", done)):
+            names[row] = str(name)
+        return names
+
+    @property
+    def layer_catalog(self) -> dict | None:
+        """What the UNet has for the blocks and suffixes of the extraction's ``layer_idxs``
+        (``layer_spec``); None for caches written before it was stored."""
+        return self.attrs.get("layer_catalog")
 
     def check(self, expect: dict) -> None:
         """Raise CacheError naming both sides of every key of ``expect`` that differs."""
@@ -156,13 +200,39 @@ class FeatureCache:
         return self._read(name, self._checked(indices))
 
     def _read(self, name: str, idx: np.ndarray) -> np.ndarray:
-        """Rows ``idx`` (checked) of one array."""
+        """Rows ``idx`` of one array; every object holding them must be stored (no fill values)."""
         if self.direct_reads:
             if name not in self._readers:
-                self._readers[name] = ShardReader.for_array(self.root[name])
+                self._readers[name] = ShardReader.for_array(self.array(name))
             if self._readers[name] is not None:
                 return self._readers[name].read(idx)
-        array = self.root[name]
+        self._require_stored(name, idx)
+        try:
+            return self._zarr_read(self.array(name), idx)
+        except CacheError:
+            raise
+        except Exception as err:  # codec and checksum errors come in several types
+            rows = (int(idx.min()), int(idx.max()) + 1) if idx.size else (0, 0)
+            raise DamagedData(self.path, name, rows, f"cannot be read ({type(err).__name__}: {err})") from None
+
+    def _require_stored(self, name: str, idx: np.ndarray) -> None:
+        """Raise naming the array and rows when an object holding rows ``idx`` is not in the store:
+        zarr would return its fill value instead."""
+        array = self.array(name)
+        per_file = (array.shards or array.chunks)[0]
+        for shard in np.unique(idx // per_file).tolist():
+            if (name, shard) in self._present:
+                continue
+            if self._presence is None:
+                self._presence = ChunkPresence(self.root.store)
+            key = object_key(array, shard)
+            if not self._presence.has(key):
+                rows = (shard * per_file, min((shard + 1) * per_file, len(self)))
+                raise DamagedData(self.path, name, rows, f"its stored object {key} is missing")
+            self._present.add((name, shard))
+
+    @staticmethod
+    def _zarr_read(array, idx: np.ndarray) -> np.ndarray:
         if idx.size and np.all(np.diff(idx) == 1):
             return array[int(idx[0]) : int(idx[-1]) + 1]  # contiguous: one slice, whole shards
         if idx.size and np.all(np.diff(idx) > 0):

@@ -11,7 +11,8 @@ threads), and checks every chunk's crc32c as zarr does.
 It handles only what the cache writes (see ``layout``): one chunk per image spanning the whole
 map, bytes little-endian, then blosc or zstd or nothing, then crc32c, index at the end. For any
 other array, or a store that is not a local directory, ``ShardReader.for_array`` returns None and
-the caller reads through zarr.
+the caller reads through zarr. Rows are read only where the cache says they are done, so a missing
+shard file or an unwritten chunk is an error here, never zarr's fill value.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import zarr.codecs as zc
 from zarr.storage import LocalStore
 
-from .store import CacheError
+from .store import DamagedData
 
 _EMPTY = np.uint64(2**64 - 1)  # the sharding index's mark for a chunk that was never written
 
@@ -84,7 +85,6 @@ class ShardReader:
         self.decoder = decoder
         self.shard_rows = shard_rows
         self.dtype = np.dtype(array.dtype)
-        self.fill = self.dtype.type(array.metadata.fill_value)
         # Shard indexes read so far; several threads may fill it at once, which costs at most a
         # repeated read of the same bytes.
         self._index: dict[int, np.ndarray | None] = {}
@@ -128,9 +128,12 @@ class ShardReader:
         self._index[shard] = index
         return index
 
-    def _corrupt(self, shard: int, what: str) -> CacheError:
-        return CacheError(f"array {self.name} is corrupt in shard {shard} ({what} fails its checksum); "
-                          "run `satdifuser cache verify` on the cache and re-extract what it names")
+    def _rows_of(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_rows
+        return start, min(start + self.shard_rows, self.array.shape[0])
+
+    def _corrupt(self, shard: int, what: str):
+        return DamagedData(self.root, self.name, self._rows_of(shard), f"{what} fails its checksum")
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """``array[rows]`` for sorted or unsorted in-range integer rows."""
@@ -149,15 +152,17 @@ class ShardReader:
             fd = None
         try:
             index = self._shard_index(fd, shard)
+            if index is None:
+                raise DamagedData(self.root, self.name, self._rows_of(shard), f"its shard file {self._path(shard)} is missing")
             whole = None
-            if index is not None and len(local) > self.shard_rows // 2:
+            if len(local) > self.shard_rows // 2:
                 # Most of the shard is wanted: one read of the file beats one per image.
                 whole = np.frombuffer(_read_all(fd), dtype=np.uint8)
             for row, dest in zip(local, at):
-                offset, length = (_EMPTY, _EMPTY) if index is None else index[row]
+                offset, length = index[row]
                 if offset == _EMPTY:
-                    out[dest] = self.fill  # never written: zarr's fill value
-                    continue
+                    first = shard * self.shard_rows + int(row)
+                    raise DamagedData(self.root, self.name, (first, first + 1), "its chunk was never written")
                 offset, length = int(offset), int(length)
                 data = whole[offset : offset + length] if whole is not None else np.frombuffer(os.pread(fd, length, offset), np.uint8)
                 if len(data) != length or not _checksum_ok(data):

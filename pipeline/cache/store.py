@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import zarr
 
@@ -31,10 +32,42 @@ def is_url(path: str) -> bool:
     return "://" in str(path)
 
 
+def protocol(path: str) -> str:
+    return str(path).split("://", 1)[0] if is_url(path) else "file"
+
+
+def check_location(path: str, writing: bool) -> None:
+    """Refuse, before any work, a location that cannot hold a cache: an unknown protocol, or for
+    writing ``memory://``, which lives only as long as the process that writes it."""
+    import fsspec
+
+    scheme = protocol(path)
+    if scheme not in fsspec.available_protocols():
+        raise CacheError(f"cache location {path}: unknown protocol {scheme!r}; use a folder or an fsspec URL "
+                         "such as s3://bucket/caches or file:///data/caches")
+    if writing and scheme == "memory":
+        raise CacheError(f"cache location {path}: memory:// is gone when the process ends, so nothing could read "
+                         "the cache; extract into a folder or an object store")
+
+
+def _access_error(path: str, err: Exception) -> CacheError | None:
+    """A one-line error for failures that are about credentials or permissions, not a missing cache."""
+    name = type(err).__name__
+    if "Credential" in name or "NoRegion" in name:
+        return CacheError(f"cannot open {path}: no credentials for {protocol(path)}:// ({name}); set them as "
+                          "the fsspec backend expects (for s3://: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and, "
+                          "for a server other than AWS, AWS_ENDPOINT_URL)")
+    if isinstance(err, PermissionError):
+        return CacheError(f"cannot open {path}: access denied ({err}); check the credentials and the "
+                          "bucket's or folder's permissions")
+    return None
+
+
 def open_root(path: str, mode: str, storage_options: dict | None = None):
     """The root group of a store; ``file://`` and object-store URLs go through fsspec."""
     kwargs = {}
     if is_url(path):
+        check_location(path, writing=False)
         opts = dict(storage_options or {})
         if str(path).startswith("file://"):
             opts.setdefault("auto_mkdir", True)
@@ -42,9 +75,45 @@ def open_root(path: str, mode: str, storage_options: dict | None = None):
     try:
         return zarr.open_group(str(path), mode=mode, zarr_format=3, **kwargs)
     except ImportError as err:
-        scheme = str(path).split("://")[0]
-        raise CacheError(f"cannot open {path}: {err}; install the fsspec package for {scheme}:// "
+        raise CacheError(f"cannot open {path}: {err}; install the fsspec package for {protocol(path)}:// "
                          f"(e.g. pip install s3fs for s3://)") from None
+    except Exception as err:
+        access = _access_error(path, err)
+        if access is not None:
+            raise access from None
+        raise
+
+
+class ChunkPresence:
+    """Which stored objects (shard files, chunks) a store holds, asked one key at a time.
+
+    A Zarr read of a missing chunk returns the fill value, so a deleted shard file would read as
+    zeros; readers ask here first. A local store is asked with one ``stat`` per key; any other
+    store is listed once, which costs a few requests where a check per key would cost one each.
+    """
+
+    def __init__(self, store):
+        from zarr.storage import LocalStore
+
+        self.store = store
+        self.local_root = str(store.root) if isinstance(store, LocalStore) else None
+        self._keys: set[str] | None = None
+
+    def has(self, key: str) -> bool:
+        if self.local_root is not None:
+            return os.path.isfile(os.path.join(self.local_root, key))
+        if self._keys is None:
+            self._keys = set(_list_keys(self.store))
+        return key in self._keys
+
+
+def _list_keys(store) -> list[str]:
+    from zarr.core.sync import sync
+
+    async def collect():
+        return [key async for key in store.list()]
+
+    return sync(collect())
 
 
 def path_exists(path: str, storage_options: dict | None = None) -> bool:
@@ -93,3 +162,14 @@ def differences(stored: dict, requested: dict) -> list[str]:
 def mismatch_message(path: str, diffs: list[str], fix: str) -> str:
     shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
     return f"cache {path} was built with other settings ({shown}); {fix}"
+
+
+class DamagedData(CacheError):
+    """Data a cache claims (its shard is done) and cannot give: missing or failing its checksum."""
+
+    def __init__(self, cache: str, array: str, rows: tuple[int, int], what: str):
+        self.cache, self.array, self.rows, self.what = cache, array, rows, what
+        where = f"row {rows[0]}" if rows[1] - rows[0] == 1 else f"rows {rows[0]}-{rows[1] - 1}"
+        super().__init__(f"cache {cache}: array {array}, {where}: {what}; run `satdifuser cache "
+                         f"verify {cache}`, then `satdifuser extract CONFIG --split SPLIT --repair` re-extracts what "
+                         "it names")

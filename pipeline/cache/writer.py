@@ -1,17 +1,43 @@
-"""Writing a cache one shard at a time, so a killed run resumes where it stopped."""
+"""Writing a cache one shard at a time, so a killed run resumes where it stopped.
+
+What a store claims is always true: its provenance is written only after all its arrays exist, a
+shard is marked done only after all its arrays are written (and its work added to the ledger), and a
+store being replaced first stops claiming anything (its provenance gives way to a "being created"
+mark) before any of its data is deleted. A kill at any moment leaves the old complete store, or a
+store that resumes (or starts afresh), never one that claims data it does not hold.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 
 import numpy as np
 
-from .layout import (
-    ATTRS_KEY, FORMAT_VERSION, CachePlan, compressors, feature_path, pooled_path, trajectory_path,
-)
-from .store import CacheError, CacheMismatch, differences, normalise, open_root, path_exists, remove
+from .layout import ATTRS_KEY, FORMAT_VERSION, CachePlan, array_specs, compressors
+from .store import CacheError, CacheMismatch, ChunkPresence, differences, normalise, open_root, path_exists, remove
+
+log = logging.getLogger(__name__)
 
 CREATING_KEY = "satdifuser_creating"
+
+
+def _not_a_cache(path: str) -> CacheError:
+    return CacheError(f"{path} exists but is not a feature cache; move it away or pass --overwrite")
+
+
+def _open_existing(path: str, mode: str, storage_options: dict | None):
+    """The root group at ``path`` and its provenance (None while being created); refuses what is not a cache."""
+    try:
+        root = open_root(path, mode, storage_options)
+    except CacheError:
+        raise
+    except Exception:  # zarr raises several kinds for "no group here"
+        raise _not_a_cache(path) from None
+    stored = root.attrs.get(ATTRS_KEY)
+    if stored is None and not root.attrs.get(CREATING_KEY):
+        raise _not_a_cache(path)
+    return root, stored
 
 
 class CacheWriter:
@@ -23,27 +49,19 @@ class CacheWriter:
         self.plan = plan
 
     @classmethod
-    def reopen(cls, path: str, request: dict, storage_options: dict | None = None) -> "CacheWriter | None":
+    def reopen(cls, path: str, request: dict, storage_options: dict | None = None,
+               mode: str = "r+") -> "CacheWriter | None":
         """The store at ``path`` if it was built for ``request``; None if there is none.
 
         A cache built for another request is refused with the keys that differ (CacheMismatch);
         anything else at ``path`` is refused too, never deleted. A cache whose creation never
-        finished counts as none.
+        finished counts as none. ``mode="r"`` opens it without writing anything.
         """
         if not path_exists(path, storage_options):
             return None
-        not_ours = CacheError(f"{path} exists but is not a feature cache; move it away or pass --overwrite")
-        try:
-            root = open_root(path, "r+", storage_options)
-        except CacheError:
-            raise
-        except Exception:  # zarr raises several kinds for "no group here"
-            raise not_ours from None
-        stored = root.attrs.get(ATTRS_KEY)
+        root, stored = _open_existing(path, mode, storage_options)
         if stored is None:
-            if root.attrs.get(CREATING_KEY):
-                return None
-            raise not_ours
+            return None
         if stored.get("format_version") != FORMAT_VERSION or not {"request", "plan"} <= set(stored):
             raise CacheError(
                 f"cache {path} has format version {stored.get('format_version')}, this version writes "
@@ -52,28 +70,29 @@ class CacheWriter:
         diffs = differences(stored["request"], request)
         if diffs:
             raise CacheMismatch(path, diffs, "pass --overwrite to rebuild it")
-        return cls(root, path, CachePlan.from_attrs(stored["plan"]))
+        try:
+            plan = CachePlan.from_attrs(stored["plan"])
+        except ValueError as err:
+            raise CacheError(f"cache {path} has damaged attributes: {err}; pass --overwrite to rebuild it") from None
+        return cls(root, path, plan)
 
     @classmethod
     def create(cls, path: str, request: dict, plan: CachePlan, info: dict | None = None,
                storage_options: dict | None = None) -> "CacheWriter":
         """A new, empty store for ``request``, replacing whatever was at ``path``."""
-        remove(path, storage_options)
-        request = normalise(request)
-        root = open_root(path, "w", storage_options)
-        root.attrs[CREATING_KEY] = True
+        root = _emptied(path, storage_options)
         _create_arrays(root, plan)
         # Provenance last: until then the store is known to be half-created.
-        root.attrs[ATTRS_KEY] = {
+        root.attrs.put({ATTRS_KEY: {
             "format_version": FORMAT_VERSION,
-            "request": request,
+            "request": normalise(request),
             "plan": plan.to_attrs(),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            **(info or {}),
-        }
-        del root.attrs[CREATING_KEY]
+            **normalise(info or {}),
+        }})
         return cls(root, path, plan)
 
+    # --- what is done ----------------------------------------------------------------------
     def pending_shards(self) -> list[int]:
         return [s for s in range(self.plan.num_shards) if not self._shard_done(s)]
 
@@ -83,11 +102,22 @@ class CacheWriter:
         except Exception:  # an unreadable done chunk means the shard must be redone
             return False
 
-    def write_shard(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write every array of one shard, then mark it done.
+    def done_shards(self) -> list[int]:
+        return [s for s in range(self.plan.num_shards) if self._shard_done(s)]
+
+    def clear_done(self, shards) -> None:
+        """Mark shards as not done, so the next extraction writes them again."""
+        for shard in shards:
+            self.root["done"][slice(*self.plan.shard_range(shard))] = False
+
+    # --- writing -----------------------------------------------------------------------------
+    def write_shard(self, shard: int, arrays: dict[str, np.ndarray], work: dict | None = None) -> None:
+        """Write every array of one shard, add ``work`` to the ledger, then mark the shard done.
 
         ``arrays`` maps store paths (``features/t47/up_blocks_1_attn1_0``, ``latents``, ...) to the
-        shard's rows; all must be present so a shard is never marked done half-written.
+        shard's rows; all must be present so a shard is never marked done half-written. The ledger
+        is updated before the mark, so a kill in between counts the work twice (it is redone), never
+        not at all.
         """
         start, stop = self.plan.shard_range(shard)
         missing = sorted(set(self.array_paths()) - set(arrays))
@@ -98,16 +128,16 @@ class CacheWriter:
                 raise ValueError(f"shard {shard} of {name} has {len(rows)} rows, expected {stop - start}")
         for name, rows in arrays.items():
             self.root[name][start:stop] = rows
+        if work:
+            ledger = dict(self.root.attrs[ATTRS_KEY].get("ledger", {}))
+            for key, value in work.items():
+                ledger[key] = round(ledger.get(key, 0) + value, 3)
+            self.update_info(ledger=ledger)
         self.root["done"][start:stop] = True
 
     def array_paths(self) -> list[str]:
-        plan = self.plan
-        paths = ["latents", "labels", "sample_names"]
-        for t in plan.timesteps:
-            paths.append(trajectory_path(t))
-            for layer in plan.layer_shapes:
-                paths += [feature_path(t, layer), pooled_path(t, layer)]
-        return paths
+        """Every array a shard writes (all but ``done``)."""
+        return [spec.name for spec in array_specs(self.plan)[:-1]]
 
     def update_info(self, **values) -> None:
         attrs = dict(self.root.attrs[ATTRS_KEY])
@@ -115,23 +145,56 @@ class CacheWriter:
         self.root.attrs[ATTRS_KEY] = attrs
 
 
+def object_key(array, shard: int) -> str:
+    """The store key of the object (shard file or chunk) that holds shard ``shard``'s rows."""
+    return f"{array.path}/{array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))}"
+
+
+def lacking_objects(root, plan: CachePlan, shards: list[int]) -> dict[int, list[str]]:
+    """The stored objects that ``shards`` need and the store does not hold, by shard.
+
+    A cheap check (one listing or a stat per object, no reads) made before a done shard is trusted:
+    a Zarr read of a missing object returns fill values. Checksums and contents are `cache verify`'s.
+    """
+    presence, lacking = ChunkPresence(root.store), {}
+    for spec in array_specs(plan)[:-1]:
+        try:
+            array = root[spec.name]
+        except KeyError:
+            for shard in shards:
+                lacking.setdefault(shard, []).append(f"{spec.name} (the whole array)")
+            continue
+        for shard in shards:
+            key = object_key(array, shard)
+            if not presence.has(key):
+                lacking.setdefault(shard, []).append(key)
+    return lacking
+
+
+def _emptied(path: str, storage_options: dict | None):
+    """An empty root group at ``path`` that claims nothing, whatever was there.
+
+    A cache (or a half-created one) first loses its provenance, in one write of its root metadata,
+    and only then its arrays; anything else at ``path`` is removed whole (``--overwrite``).
+    """
+    if path_exists(path, storage_options):
+        try:
+            root, _ = _open_existing(path, "r+", storage_options)
+        except CacheError:
+            remove(path, storage_options)
+        else:
+            root.attrs.put({CREATING_KEY: True})
+            for name in sorted(dict(root.members())):
+                del root[name]
+            return root
+    root = open_root(path, "w", storage_options)
+    root.attrs.put({CREATING_KEY: True})
+    return root
+
+
 def _create_arrays(root, plan: CachePlan) -> None:
-    n, s = plan.num_samples, plan.shard_size
     codecs = compressors(plan.codec)
-
-    def per_shard(name, shape, dtype):
-        root.create_array(name, shape=(n, *shape), chunks=(s, *shape), dtype=dtype, compressors=codecs)
-
-    for t in plan.timesteps:
-        for layer, shape in plan.layer_shapes.items():
-            # One chunk per image so a batch reads only its images; shards keep file counts low.
-            root.create_array(
-                feature_path(t, layer), shape=(n, *shape), chunks=(1, *shape), shards=(s, *shape),
-                dtype="float16", compressors=codecs,
-            )
-            per_shard(pooled_path(t, layer), (shape[0],), "float32")
-        per_shard(trajectory_path(t), plan.latent_shape, "float32")
-    per_shard("latents", plan.latent_shape, "float32")
-    per_shard("labels", plan.label_shape, plan.label_dtype)
-    root.create_array("sample_names", shape=(n,), chunks=(s,), dtype=str, compressors=codecs)
-    root.create_array("done", shape=(n,), chunks=(s,), dtype=bool, fill_value=False, compressors=codecs)
+    for spec in array_specs(plan):
+        extra = {"fill_value": False} if spec.name == "done" else {}
+        root.create_array(spec.name, shape=spec.shape, chunks=spec.chunks, shards=spec.shards, dtype=spec.dtype,
+                          compressors=codecs, attributes={"description": spec.description}, **extra)

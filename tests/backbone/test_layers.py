@@ -3,7 +3,8 @@ import torch
 
 from pipeline.backbone.demo import SD21_UNET_CONFIG, tiny_unet_config
 from pipeline.backbone.extractor import DEFAULT_LAYER_IDXS, layer_shapes
-from pipeline.backbone.layers import as_map, capture, select_layers
+from pipeline.backbone.layer_spec import LayerSpecError
+from pipeline.backbone.layers import as_map, capture, catalog, select_layers
 from pipeline.backbone.sat_unet import SatUNet
 
 
@@ -38,11 +39,29 @@ def test_selected_modules_are_the_named_ones(full_size_unet):
     assert layers["up_blocks_0_conv2_2"] is full_size_unet.up_blocks[0].resnets[2].conv2
 
 
-def test_unknown_block_and_empty_selection_are_refused(full_size_unet):
-    with pytest.raises(ValueError, match="'side_blocks'"):
-        select_layers(full_size_unet, {"side_blocks": {"attn1": "all"}})
-    with pytest.raises(ValueError, match="selects no layer"):
-        select_layers(full_size_unet, {"up_blocks": {"attn7": "all"}})
+def test_attn1_alone_selects_the_nine_attention_layers(full_size_unet):
+    names = [layer.name for layer in select_layers(full_size_unet, {"up_blocks": {"attn1": "all"}})]
+    assert names == [f"up_blocks_{i}_attn1_{j}" for i in (1, 2, 3) for j in range(3)]
+
+
+def test_the_catalogue_counts_every_match_per_block(full_size_unet):
+    assert catalog(full_size_unet, DEFAULT_LAYER_IDXS) == {"up_blocks": {"attn1": [0, 3, 3, 3], "conv2": [3, 3, 3, 3]}}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"side_blocks": {"attn1": "all"}}, "layer_idxs names block 'side_blocks', which the UNet does not have (it has "),
+    ({"up_blocks": {"attn9": "all"}}, "layer_idxs up_blocks.attn9: all matches nothing: no module of up_blocks ends in "
+                                      "'attn9'; the modules of up_blocks end in: attentions, attn1, attn2,"),
+    ({"up_blocks": {"attn1": [[0, 0]]}}, "layer_idxs up_blocks.attn1 pair [0, 0] matches nothing in the UNet "
+                                         "(up_blocks[0] has 0); attn1 modules are in up_blocks 1 (3), 2 (3), 3 (3)"),
+    ({"up_blocks": {"conv2": [[1, 3]]}}, "pair [1, 3] matches nothing in the UNet (up_blocks[1] has 3)"),
+    ({"up_blocks": {"conv2": [[4, 0]]}}, "pair [4, 0] matches nothing in the UNet (up_blocks has 4 blocks)"),
+    ({"up_blocks": {"attn1": [], "conv2": []}}, "selects no layer of the UNet"),
+])
+def test_a_selector_that_matches_nothing_is_refused(full_size_unet, spec, message):
+    with pytest.raises(LayerSpecError) as err:
+        select_layers(full_size_unet, spec)
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_capture_leaves_no_state_on_modules():

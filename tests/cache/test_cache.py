@@ -172,12 +172,15 @@ def test_verify_catches_missing_truncated_and_inconsistent_data(tmp_path):
     root = tmp_path / "c.zarr"
     build(root)
     _shard_file(root).unlink()
-    assert any("chunks missing" in p for p in verify_cache(open_cache(str(root))))
+    problems = verify_cache(open_cache(str(root)))
+    assert problems == ["shard 1 (rows 4-7) is marked done but 1 of its stored objects are missing: "
+                        "features/t47/up_blocks_3_conv2_2/c/1/0/0/0"]
 
     build(root)
     f = _shard_file(root)
     f.write_bytes(f.read_bytes()[:-20])
-    assert any("unreadable" in p for p in verify_cache(open_cache(str(root))))
+    assert verify_cache(open_cache(str(root))) == [
+        "features/t47/up_blocks_3_conv2_2: shard 1 (rows 4-7): its index fails its checksum"]
 
     build(root)
     pooled = __import__("zarr").open_array(str(root / "pooled" / "t40" / "up_blocks_1_attn1_0"))
@@ -193,7 +196,8 @@ def test_verify_catches_missing_truncated_and_inconsistent_data(tmp_path):
     cache = open_cache(str(root))
     assert cache.done.tolist() == [True] * 4 + [False] * 4 + [True] * 2  # damaged flags: not done
     problems = verify_cache(cache)
-    assert "4 of 10 samples are not marked done" in problems[0] and any("done: rows 4-7 unreadable" in p for p in problems)
+    assert "4 of 10 samples are not marked done (shards 1)" in problems[0]
+    assert any(p.startswith("done: shard 1 (rows 4-7): cannot be read") for p in problems)
     assert CacheWriter.reopen(str(root), REQUEST).pending_shards() == [1]
 
 

@@ -62,7 +62,8 @@ def test_a_corrupted_chunk_is_refused_with_the_array_named(tmp_path):
     data = bytearray(f.read_bytes())
     data[40] ^= 0xFF  # inside the shard's first chunk
     f.write_bytes(bytes(data))
-    with pytest.raises(CacheError, match=r"features/t47/up_blocks_3_conv2_2 is corrupt in shard 1 .*cache verify"):
+    with pytest.raises(CacheError, match=r"array features/t47/up_blocks_3_conv2_2, rows 4-7: the chunk of row 4 fails its "
+                                         r"checksum; run `satdifuser cache verify .*--repair"):
         cache.features([4], layers=["up_blocks_3_conv2_2"])
     # Rows of other shards still read.
     assert cache.features([0], layers=["up_blocks_3_conv2_2"])["t47"]["up_blocks_3_conv2_2"].shape == (1, 4, 8, 8)
@@ -75,7 +76,7 @@ def test_a_corrupted_shard_index_is_refused(tmp_path):
     data = bytearray(f.read_bytes())
     data[-10] ^= 0xFF
     f.write_bytes(bytes(data))
-    with pytest.raises(CacheError, match="shard 0 .its index fails its checksum"):
+    with pytest.raises(CacheError, match="rows 0-3: its index fails its checksum"):
         cache.features([1], layers=["up_blocks_3_conv2_2"])
 
 
@@ -84,11 +85,11 @@ def test_a_truncated_shard_is_refused(tmp_path):
     cache = synthetic(root)
     f = _shard_file(root, 2)
     f.write_bytes(f.read_bytes()[:50])
-    with pytest.raises(CacheError, match="shard 2 .its index fails its checksum"):
+    with pytest.raises(CacheError, match="rows 8-10: its index fails its checksum"):
         cache.features([9], layers=["up_blocks_3_conv2_2"])
 
 
-def test_chunks_never_written_read_as_the_fill_value(tmp_path):
+def test_chunks_never_written_are_refused_not_read_as_the_fill_value(tmp_path):
     with zarr.config.set({"array.write_empty_chunks": False}):
         array = zarr.create_array(str(tmp_path / "a.zarr"), shape=(8, 2, 3, 3), chunks=(1, 2, 3, 3),
                                   shards=(4, 2, 3, 3), dtype="float16", fill_value=0, compressors=compressors("blosc-zstd"))
@@ -100,8 +101,29 @@ def test_chunks_never_written_read_as_the_fill_value(tmp_path):
     assert not _shard_file(tmp_path, 1).exists()
     reader = ShardReader.for_array(array)
     assert reader is not None
-    np.testing.assert_array_equal(reader.read(np.arange(8)), values)
-    np.testing.assert_array_equal(reader.read([1, 5]), values[[1, 5]])
+    np.testing.assert_array_equal(reader.read([0, 2, 3]), values[[0, 2, 3]])
+    with pytest.raises(CacheError, match="array .*, row 1: its chunk was never written"):
+        reader.read([0, 1])
+    with pytest.raises(CacheError, match=r"rows 4-7: its shard file .*/c/1/0/0/0 is missing"):
+        reader.read([5])
+
+
+def test_a_deleted_shard_file_is_an_error_on_every_read_path(tmp_path):
+    root = tmp_path / "c.zarr"
+    synthetic(root)
+    _shard_file(root, 1).unlink()
+    (root / "pooled" / "t40" / "up_blocks_1_attn1_0" / "c" / "2" / "0").unlink()
+    (root / "labels" / "c" / "0").unlink()
+    for direct in (True, False):
+        cache = open_cache(str(root), direct_reads=direct)
+        with pytest.raises(CacheError, match=r"array features/t47/up_blocks_3_conv2_2, rows 4-7: .* is missing; run "
+                                             r"`satdifuser cache verify"):
+            cache.features([0, 5], layers=["up_blocks_3_conv2_2"])
+        assert cache.features([0, 9], ["t47"], ["up_blocks_3_conv2_2"])["t47"]["up_blocks_3_conv2_2"].shape[0] == 2
+        with pytest.raises(CacheError, match=r"array pooled/t40/up_blocks_1_attn1_0, rows 8-10: .*c/2/0 is missing"):
+            cache.pooled([9], ["t40"], ["up_blocks_1_attn1_0"])
+        with pytest.raises(CacheError, match=r"array labels, rows 0-3: its stored object labels/c/0 is missing"):
+            cache.labels([2])
 
 
 def test_other_layouts_and_stores_fall_back_to_zarr(tmp_path):
