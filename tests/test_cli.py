@@ -78,6 +78,26 @@ def test_user_errors_are_one_line_with_exit_status_2(exp_file, tmp_path, tiny_ba
         assert message in result.output and result.output.count("\n") == 1
 
 
+@pytest.mark.parametrize("name, damage, message", [
+    ("checkpoint-150000/unet/diffusion_pytorch_model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:1000]),
+     "is not a readable safetensors file"),
+    ("scheduler/scheduler_config.json", lambda p: p.write_text('{"beta_start": 0.00085,'), "is not valid JSON"),
+    ("tokenizer/merges.txt", lambda p: p.write_bytes(bytes(range(128, 256))), "is not UTF-8 text"),
+])
+def test_a_damaged_checkpoint_file_is_one_line(name, damage, message, exp_file, tmp_path, tiny_backbone):
+    import shutil
+
+    broken = tmp_path / "damaged"
+    shutil.copytree(tiny_backbone.root, broken)
+    file = broken / tiny_backbone.path.name / name
+    damage(file)
+    result = runner.invoke(app, ["extract", str(exp_file), "--split", "test", "--device", "cpu", "--no-progress",
+                                 "--set", f"pretrained_model_name_or_path={broken}"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    assert result.output.startswith(f"error: {file} ") and result.output.count("\n") == 1, result.output
+    assert message in result.output
+
+
 def test_mismatched_cache_is_refused_then_overwritten(exp_file):
     base = ["extract", str(exp_file), "--split", "val", "--device", "cpu", "--no-progress"]
     assert runner.invoke(app, base).exit_code == 0

@@ -37,6 +37,16 @@ class SatUNet(UNet2DConditionModel):
                 TimestepEmbedding(proj_dim, time_embed_dim) for _ in range(num_metadata)
             )
 
+    def _fix_state_dict_keys_on_load(self, state_dict):
+        # diffusers' hook for renaming old keys, called before it compares the checkpoint's keys
+        # with the model's. Built without metadata, SatUNet drops a checkpoint's metadata MLPs on
+        # purpose (as the reference does), so they are removed here rather than listed tensor by
+        # tensor as unused weights; every other unused or missing key is still reported.
+        if self.metadata_embedding is None:
+            for key in [k for k in state_dict if k.startswith("metadata_embedding.")]:
+                del state_dict[key]
+        return super()._fix_state_dict_keys_on_load(state_dict)
+
     def get_class_embed(self, sample: torch.Tensor, class_labels: torch.Tensor | None):
         if self.metadata_embedding is None:
             return super().get_class_embed(sample=sample, class_labels=class_labels)

@@ -23,6 +23,47 @@ from ..errors import UserError
 MODES = ("inversion", "generation")
 
 
+# What the schedule is computed from. DDIMScheduler's defaults for these are not SD's (linear
+# betas 1e-4 to 0.02, no step offset), so a config lacking one would silently give another schedule.
+# ``timestep_spacing`` is not among them: configs written before it existed meant its default.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # DDIMScheduler's
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def scheduler_config_problem(config: dict) -> str | None:
+    """Why ``config`` cannot give the schedule, or None when it can."""
+    betas_given = config.get("trained_betas") is not None
+    needed = ("num_train_timesteps", "steps_offset") if betas_given else SCHEDULE_KEYS
+    missing = [key for key in needed if key not in config]
+    if missing:
+        return f"lacks {', '.join(missing)}, which the DDIM schedule is computed from"
+    n, offset = config["num_train_timesteps"], config["steps_offset"]
+    if not (_is_int(n) and n >= 1 and _is_int(offset) and offset >= 0):
+        return f"num_train_timesteps {n!r} and steps_offset {offset!r} must be whole numbers (>= 1 and >= 0)"
+    spacing = config.get("timestep_spacing", "leading")
+    if spacing not in TIMESTEP_SPACINGS:
+        return f"timestep_spacing {spacing!r} is not one of {list(TIMESTEP_SPACINGS)}"
+    if betas_given:
+        betas = config["trained_betas"]
+        ok = isinstance(betas, list) and len(betas) == n and all(_is_number(b) for b in betas)
+        return None if ok else f"trained_betas must be a list of num_train_timesteps ({n}) numbers"
+    start, end = config["beta_start"], config["beta_end"]
+    if not (_is_number(start) and _is_number(end)):
+        return f"beta_start {start!r} and beta_end {end!r} must be numbers"
+    if config["beta_schedule"] not in BETA_SCHEDULES:
+        return f"beta_schedule {config['beta_schedule']!r} is not one of {list(BETA_SCHEDULES)}"
+    return None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def ddim_scheduler(scheduler_config: dict):
     """A DDIMScheduler with the betas, offset and spacing of any stored scheduler config."""
     from diffusers import DDIMScheduler

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.backbone.schedule import Schedule, label_key
+from pipeline.backbone.schedule import Schedule, label_key, scheduler_config_problem
 
 # SD-2.1's scheduler config as the DiffusionSat checkpoints store it (class and extra keys vary).
 SD21_SCHEDULER = {
@@ -52,3 +52,19 @@ def test_bad_labels_are_refused():
 
 def test_label_key():
     assert label_key(47) == "t47"
+
+
+
+def test_scheduler_config_problems():
+    sd = SD21_SCHEDULER  # without timestep_spacing, as configs written before it existed
+    assert scheduler_config_problem(sd) is None
+    given = {"num_train_timesteps": 4, "steps_offset": 0, "trained_betas": [0.1, 0.2, 0.3, 0.4]}
+    assert scheduler_config_problem(given) is None  # explicit betas need no beta_* keys
+    assert Schedule.build(given, 2, (1,)).timesteps == (2, 0)
+    assert scheduler_config_problem({k: v for k, v in sd.items() if k != "steps_offset"}) == (
+        "lacks steps_offset, which the DDIM schedule is computed from")
+    assert scheduler_config_problem(dict(sd, steps_offset=True)).startswith("num_train_timesteps 1000 and steps_offset True")
+    assert scheduler_config_problem(dict(sd, timestep_spacing="even")).startswith("timestep_spacing 'even' is not one of")
+    assert scheduler_config_problem(dict(sd, beta_end="0.012")) == "beta_start 0.00085 and beta_end '0.012' must be numbers"
+    assert scheduler_config_problem(dict(given, trained_betas=[0.1])) == (
+        "trained_betas must be a list of num_train_timesteps (4) numbers")
