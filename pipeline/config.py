@@ -83,6 +83,16 @@ def _list_of(inner, what: str, length=None, nonempty=False):
     return check
 
 
+def _rescales(v):
+    if not isinstance(v, (list, tuple)) or not v or any(isinstance(f, bool) or f not in (4, 2, 1, 0.5, 0.25) for f in v):
+        return "a non-empty list of factors from 4, 2, 1, 0.5, 0.25, one per scale, widest first"
+
+
+def _fraction(v):
+    if _number(v) or not 0 < v <= 1:
+        return "a number in (0, 1]: the fraction of the training images to train on"
+
+
 def _unique_labels(v):
     inner = _list_of(_int(0), "integers >= 0", nonempty=True)(v)
     if inner or len(set(v)) != len(v):
@@ -126,11 +136,12 @@ class Config:
     top_k: int = _field(2, _int(1))
     moe_warmup_steps: int | None = _field(None, _optional(_int(0)), ours=True)
     moe_balance_weight: float = _field(0.0, _number, ours=True)
+    lw_input: str = _field("paper", _choice("paper", "reference"), ours=True)
     latent: str = _field("sample", _choice("sample", "mean"), ours=True)
     autocast: str = _field("fp16", _choice("fp16", "bf16", "none"), ours=True)
     extract_batch_size: int = _field(32, _int(1), ours=True)
     # --- UPerNet (_base_/upernet.yaml) ---
-    rescales: list = _field([1, 1, 1, 1], _list_of(_number, "numbers"))
+    rescales: list = _field([1, 1, 1, 1], _rescales)
     pool_scales: list = _field([1, 2, 3, 6], _list_of(_int(1), "integers >= 1"))
     channels: int = _field(512, _int(1))
     # --- task (tasks/*.yaml) ---
@@ -167,7 +178,7 @@ class Config:
     seed: int = _field(42, _int(0))
     exp_folder: str = _field("experiments", _str)
     device: str = _field("cuda", _device)
-    limited_label: float | None = _field(None, _optional(_number))
+    limited_label: float | None = _field(None, _optional(_fraction))
     resume_from: str | None = _field(None, _optional(_str))
     cache_dir: str = _field("cache", _str, ours=True)
     preload_max_gb: float = _field(4.0, _number, ours=True)
@@ -201,6 +212,15 @@ def _check_consistency(cfg: Config, origin: dict) -> None:
         fail("img_size", f"img_size {cfg.img_size} is not a multiple of 8 (the VAE downsamples by 8)")
     if cfg.top_k > cfg.num_experts:
         fail("top_k", f"top_k {cfg.top_k} is larger than num_experts {cfg.num_experts}")
+    if cfg.negative_prompt:
+        fail("negative_prompt", f"negative_prompt {cfg.negative_prompt!r} has no effect on feature extraction (the "
+             "reference encodes it but extracts without guidance); remove it")
+    if cfg.resize_outputs > 0:
+        fail("resize_outputs", f"resize_outputs is {cfg.resize_outputs}; only values <= 0 (maps kept at their sizes) "
+             "work: the reference's fusers cannot be built on resized outputs; set resize_outputs: -1")
+    if cfg.task != "segmentation" and any(f != 1 for f in cfg.rescales):
+        fail("rescales", f"rescales {cfg.rescales} only applies to the UPerNet head of segmentation tasks and task is "
+             f"{cfg.task}; set rescales: [1, 1, 1, 1]")
     if cfg.projection_dim % 128:
         fail("projection_dim", f"projection_dim {cfg.projection_dim} is not a multiple of 128 (its quarter "
              "feeds GroupNorm(32))")

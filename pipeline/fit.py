@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .cache.batches import CacheBatches, batch_order
@@ -38,19 +40,35 @@ def open_split_caches(cfg: Config) -> dict[str, FeatureCache]:
             for split in ("train", "val", "test")}
 
 
-def cached_splits(cfg: Config, caches: dict, timesteps, layers) -> Splits:
+def training_rows(names, fraction: float | None, seed: int) -> np.ndarray:
+    """The training rows ``limited_label`` keeps: round(fraction x N) images (at least one), those
+    whose SHA-256 of (seed, sample name) is smallest, in row order. The draw depends on the names and
+    the seed only, not on row or batch order, and a smaller fraction keeps a subset of a larger one's."""
+    if fraction is None:
+        return np.arange(len(names))
+    keys = [hashlib.sha256(f"{seed}:{name}".encode()).digest() for name in names]
+    keep = sorted(range(len(names)), key=keys.__getitem__)[: max(1, round(fraction * len(names)))]
+    return np.sort(np.array(keep, dtype=np.int64))
+
+
+def cached_splits(cfg: Config, caches: dict, timesteps, layers, train_rows=None) -> Splits:
+    """Batches of each split's cache; ``train_rows`` are the training images to use (all when None)."""
+    train_rows = np.arange(len(caches["train"])) if train_rows is None else train_rows
+
     def batches(split, shuffle):
         src = CacheBatches(caches[split], cfg.batch_size if split == "train" else cfg.val_batch_size,
-                           timesteps, layers, shuffle=shuffle, seed=cfg.seed, buffer_shards=cfg.shuffle_buffer_shards)
+                           timesteps, layers, shuffle=shuffle, seed=cfg.seed, buffer_shards=cfg.shuffle_buffer_shards,
+                           indices=train_rows if split == "train" else None)
         src.preload = src.nbytes() <= cfg.preload_max_gb * 2**30
         return src.epoch
 
-    return Splits(batches("train", True), batches("val", False), batches("test", False), len(caches["train"]))
+    return Splits(batches("train", True), batches("val", False), batches("test", False), len(train_rows))
 
 
-def live_splits(cfg: Config, timesteps, layers, device, shard_size: int | None = None) -> Splits:
+def live_splits(cfg: Config, timesteps, layers, device, shard_size: int | None = None, train_rows=None) -> Splits:
     """Features recomputed from the images for every batch (the reference's way). ``shard_size``
-    (the train cache's) makes shard-aligned shuffling pick the batches a cached fit picks."""
+    (the train cache's) makes shard-aligned shuffling pick the batches a cached fit picks;
+    ``train_rows`` are the training images to use (all when None)."""
     from .backbone.extractor import FeatureExtractor
     from .backbone.loader import load_diffusionsat
     from .data.geobench_task import GeoBenchSplit, TaskSource, collate
@@ -62,16 +80,17 @@ def live_splits(cfg: Config, timesteps, layers, device, shard_size: int | None =
     def batches(split, shuffle):
         data = GeoBenchSplit(source, split)
         size = cfg.batch_size if split == "train" else cfg.val_batch_size
+        rows = train_rows if split == "train" and train_rows is not None else np.arange(len(data))
 
         def epoch(e):
-            for idx in batch_order(len(data), size, shuffle, cfg.seed, e, shard_size or cfg.shard_size,
+            for idx in batch_order(rows, size, shuffle, cfg.seed, e, shard_size or cfg.shard_size,
                                    cfg.shuffle_buffer_shards):
                 batch = collate([data[int(i)] for i in idx])
                 out = extractor(batch["image"], batch["name"])
                 feats = {t: {l: out.maps[t][l] for l in layers} for t in timesteps}
                 yield feats, torch.from_numpy(batch["label"]), idx
 
-        return epoch, len(data)
+        return epoch, len(rows)
 
     (train_b, n), (val_b, _), (test_b, _) = batches("train", True), batches("val", False), batches("test", False)
     return Splits(train_b, val_b, test_b, n)
@@ -92,15 +111,20 @@ def fit(cfg: Config, out_dir: str | Path, device: str | None = None, live: bool 
     caches = open_split_caches(cfg)
     timesteps, layers = feature_selection(cfg, caches["train"])
     shapes = {l: caches["train"].layer_shapes[l] for l in layers}
-    splits = (live_splits(cfg, timesteps, layers, dev, caches["train"].plan.shard_size) if live
-              else cached_splits(cfg, caches, timesteps, layers))
+    config = model_config(cfg, shapes, timesteps)  # refuses bad rescales before a live fit loads the backbone
+    rows = training_rows(caches["train"].sample_names, cfg.limited_label, cfg.seed)
+    if cfg.limited_label is not None:
+        log.info("limited_label %s: training on %d of %d images", cfg.limited_label, len(rows), len(caches["train"]))
+    splits = (live_splits(cfg, timesteps, layers, dev, caches["train"].plan.shard_size, rows) if live
+              else cached_splits(cfg, caches, timesteps, layers, rows))
     torch.manual_seed(cfg.seed)
-    model = FusionModel(model_config(cfg, shapes, timesteps)).to(dev)
+    model = FusionModel(config).to(dev)
     log.info("%s + %s: %d parameters, %d timesteps x %d layers, %s features", cfg.fuser, model.config.head,
              sum(p.numel() for p in model.parameters()), len(timesteps), len(layers), "live" if live else "cached")
     result = train(cfg, model, splits, out_dir, dev, progress)
     extraction = caches["train"].request["extraction"]
     result.metrics.update(fuser=cfg.fuser, dataset=cfg.dataset_name, seed=cfg.seed, live=live,
+                          train_images=len(rows), limited_label=cfg.limited_label,
                           timesteps=timesteps, layers=layers, backbone=caches["train"].request["backbone"]["id"],
                           latent_seed=extraction["seed"], precision=extraction["precision"])
     best = FusionModel.from_pretrained(out_dir / "model", dev)

@@ -29,6 +29,8 @@ class ModelConfig:
     moe_warmup_steps: int = 300
     channels: int = 512
     pool_scales: list = field(default_factory=lambda: [1, 2, 3, 6])
+    rescales: list = field(default_factory=lambda: [1, 1, 1, 1])
+    lw_input: str = "paper"  # models saved before the option existed are "paper"
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -43,13 +45,13 @@ class FusionModel(nn.Module):
         self.config = config
         self.fuser = build_fuser(
             config.fuser, config.layer_shapes, config.timesteps, config.projection_dim,
-            config.num_experts, config.top_k, config.moe_warmup_steps,
+            config.num_experts, config.top_k, config.moe_warmup_steps, config.lw_input,
         )
         if config.head == "linear":
             self.head = LinearHead(config.projection_dim, config.num_classes)
         elif config.head == "upernet":
             self.head = UPerNetHead(config.projection_dim, len(self.fuser.scales), config.num_classes,
-                                    config.channels, config.pool_scales)
+                                    config.channels, config.pool_scales, config.rescales)
         else:
             raise ValueError(f"head {config.head!r} is not 'linear' or 'upernet'")
 

@@ -24,7 +24,8 @@ from torch import nn
 from .backbone.layer_spec import resolve_in_cache
 from .cache.reader import FeatureCache
 from .cache.store import CacheError
-from .config import Config
+from .config import Config, ConfigError
+from .fusion.fusers import group_by_scale
 from .metrics import SELECTION, Accumulator
 from .model import FusionModel, ModelConfig, parameter_count
 
@@ -83,7 +84,20 @@ def model_config(cfg: Config, layer_shapes: dict, timesteps: list[str]) -> Model
         num_classes=cfg.num_classes, projection_dim=cfg.projection_dim, num_experts=cfg.num_experts,
         top_k=cfg.top_k, moe_warmup_steps=cfg.moe_warmup_steps or (500 if seg else 300),
         channels=cfg.channels, pool_scales=list(cfg.pool_scales),
+        rescales=scale_factors(cfg, layer_shapes), lw_input=cfg.lw_input,
     )
+
+
+def scale_factors(cfg: Config, layer_shapes: dict) -> list:
+    """``rescales``, one factor per scale of the selected layers. Factors of 1 only (the default,
+    four of them) fit any number of scales; other factors must name each scale."""
+    widths = list(group_by_scale(layer_shapes))
+    if all(f == 1 for f in cfg.rescales):
+        return [1] * len(widths)
+    if len(cfg.rescales) != len(widths):
+        raise ConfigError(f"{cfg.source}: rescales {cfg.rescales} has {len(cfg.rescales)} factors but the selected "
+                          f"layers make {len(widths)} scales (widths {widths}); give one factor per scale, widest first")
+    return list(cfg.rescales)
 
 
 # ---- training ----------------------------------------------------------------------------------

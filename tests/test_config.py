@@ -69,6 +69,16 @@ def test_the_shipped_experiments_select_the_paper_layers_and_an_override_narrows
         ({"img_size": 100}, "img_size 100 is not a multiple of 8"),
         ({"use_metadata": True}, "use_metadata is true but num_metadata is 0"),
         ({"batch_size": 0}, "batch_size is 0; expected an integer >= 1"),
+        ({"lw_input": "ref"}, "lw_input is 'ref'; expected one of paper, reference"),
+        ({"limited_label": 0}, "limited_label is 0; expected a number in (0, 1]"),
+        ({"limited_label": 1.5}, "limited_label is 1.5; expected a number in (0, 1]"),
+        ({"rescales": [3, 1, 1, 1]},
+         "rescales is [3, 1, 1, 1]; expected a non-empty list of factors from 4, 2, 1, 0.5, 0.25"),
+        ({"rescales": []}, "rescales is []; expected a non-empty list of factors"),
+        ({"rescales": [2, 1, 1, 1]}, "rescales [2, 1, 1, 1] only applies to the UPerNet head of segmentation tasks "
+                                     "and task is classification; set rescales: [1, 1, 1, 1]"),
+        ({"negative_prompt": "blurry"}, "negative_prompt 'blurry' has no effect on feature extraction"),
+        ({"resize_outputs": 64}, "resize_outputs is 64; only values <= 0 (maps kept at their sizes) work"),
     ],
 )
 def test_bad_values_are_refused_with_key_value_and_allowed(overrides, message):
@@ -100,3 +110,22 @@ def test_missing_files_and_bad_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("lr: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML at line"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_reference_keys_at_their_working_values_are_accepted():
+    cfg = load_config("configs/chesa_exp.yaml", {"rescales": [4, 2, 1, 0.5], "limited_label": 1, "resize_outputs": 0,
+                                                 "negative_prompt": "", "lw_input": "reference"})
+    assert cfg.rescales == [4, 2, 1, 0.5] and cfg.limited_label == 1 and cfg.lw_input == "reference"
+    assert load_config("configs/eurosat_exp.yaml").lw_input == "paper"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("negative_prompt", "'clouds'", "negative_prompt 'clouds' has no effect on feature extraction"),
+    ("resize_outputs", "32", "resize_outputs is 32; only values <= 0"),
+])
+def test_refused_reference_keys_name_the_task_file_that_set_them(tmp_path, key, value, message):
+    (tmp_path / "task.yaml").write_text(f"dataset_name: x\n{key}: {value}\n")
+    (tmp_path / "exp.yaml").write_text("base: [task.yaml]\nlr: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "exp.yaml")
+    assert str(err.value).startswith(f"{tmp_path / 'task.yaml'}: {message}") and "\n" not in str(err.value)

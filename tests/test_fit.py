@@ -1,10 +1,13 @@
 import json
 
+import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.fit import evaluate_saved, fit
+from pipeline.fit import cached_splits, evaluate_saved, fit, live_splits, open_split_caches, training_rows
+from pipeline.train import feature_selection
 
 
 @pytest.mark.parametrize("exp, fuser, metric", [("demo_cls", "lw", "accuracy"), ("demo_seg", "moe", "miou")])
@@ -13,6 +16,7 @@ def test_fit_writes_metrics_model_and_plots(cached_demo, tmp_path, exp, fuser, m
     cfg = cached_demo(exp, fuser=fuser, max_train_epochs=1, layer_idxs={"up_blocks": {"attn1": "all", "conv2": []}})
     metrics = fit(cfg, tmp_path, progress=False)
     assert metrics["selection_metric"] == metric and 0 <= metrics["test"][metric] <= 1
+    assert metrics["train_images"] == 20 and metrics["limited_label"] is None
     assert json.loads((tmp_path / "metrics.json").read_text())["test"][metric] == metrics["test"][metric]
     assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "history.csv").is_file()
     plots = {p.name for p in (tmp_path / "plots").iterdir()}
@@ -73,3 +77,36 @@ def test_multi_label_fit_uses_bce_and_micro_f1(cached_demo, multilabel_root, tmp
     metrics = fit(cfg, tmp_path / "run", progress=False)
     assert metrics["selection_metric"] == "micro_f1"
     assert set(metrics["test"]) == {"micro_precision", "micro_recall", "micro_f1"}
+
+
+def test_training_rows_depend_on_the_names_and_the_seed_only():
+    names = [f"sample_{i:03d}" for i in range(100)]
+    rows = training_rows(names, 0.1, 42)
+    assert len(rows) == 10 and list(rows) == sorted(rows)
+    # The same images whatever the rows' order.
+    perm = np.random.default_rng(0).permutation(100)
+    shuffled = [names[i] for i in perm]
+    assert {shuffled[i] for i in training_rows(shuffled, 0.1, 42)} == {names[i] for i in rows}
+    assert set(rows) < set(training_rows(names, 0.3, 42))  # a smaller fraction keeps a subset
+    assert set(training_rows(names, 0.1, 43)) != set(rows)
+    assert list(training_rows(names, None, 42)) == list(training_rows(names, 1, 42)) == list(range(100))
+    assert len(training_rows(names, 0.001, 42)) == 1  # at least one image
+
+
+def test_limited_label_trains_cached_and_live_fits_on_the_same_subset(cached_demo, tmp_path):
+    cfg = cached_demo(fuser="gw", limited_label=0.25, max_train_epochs=1)
+    caches = open_split_caches(cfg)
+    rows = training_rows(caches["train"].sample_names, 0.25, cfg.seed)
+    assert len(rows) == 5  # of the 20 training images
+    timesteps, layers = feature_selection(cfg, caches["train"])
+    cached = cached_splits(cfg, caches, timesteps, layers, rows)
+    live = live_splits(cfg, timesteps, layers, torch.device("cpu"), caches["train"].plan.shard_size, rows)
+    assert cached.train_size == live.train_size == 5
+    (_, cached_labels, cached_idx), = list(cached.train(0))  # batch_size 8: one batch of all five
+    _, live_labels, live_idx = next(live.train(0))
+    assert np.array_equal(cached_idx, rows) and np.array_equal(live_idx, rows)
+    assert torch.equal(cached_labels, live_labels)
+    metrics = fit(cfg, tmp_path, progress=False)
+    assert metrics["train_images"] == metrics["train_images_seen"] == 5 and metrics["limited_label"] == 0.25
+    assert metrics["ledger"]["reference_vae_passes"] == 5 + 2 * 8 + 8
+    assert json.loads((tmp_path / "metrics.json").read_text())["train_images"] == 5

@@ -45,6 +45,23 @@ def test_segmentation_metrics_equal_scikit_learn_over_all_classes():
     assert ignoring["miou"] == pytest.approx(iou[:4].mean(), abs=1e-6)
 
 
+def test_segmentation_precision_and_recall_equal_scikit_learn_and_the_references_are_swapped():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, (2, 16, 16))
+    p = np.where(rng.random(y.shape) < 0.5, y, 0)  # over-predicts class 0: its precision and recall differ
+    m = segmentation_metrics(confusion(y, p, 3))
+    prec, rec, _, _ = skm.precision_recall_fscore_support(y.ravel(), p.ravel(), labels=range(3), zero_division=0)
+    np.testing.assert_allclose(m["precision"], prec, atol=1e-6)
+    np.testing.assert_allclose(m["recall"], rec, atol=1e-6)
+    # The reference counts pred * K + label, so its matrix is (pred, label), and divides by the column
+    # sums (the true pixels) for what it calls precision: that is recall, and its recall is precision.
+    theirs = np.bincount((p * 3 + y).ravel(), minlength=9).reshape(3, 3).astype(float)
+    tp = np.diag(theirs)
+    np.testing.assert_allclose(tp / (theirs.sum(axis=0) + 1e-6), rec, atol=1e-6)
+    np.testing.assert_allclose(tp / (theirs.sum(axis=1) + 1e-6), prec, atol=1e-6)
+    assert abs(prec[0] - rec[0]) > 0.1
+
+
 def test_accumulator_over_batches_drops_the_ignored_label():
     acc = Accumulator("segmentation", 3, ignore_index=2)
     logits = torch.zeros(2, 3, 4, 4)

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from pipeline.model import FusionModel, ModelConfig
 
@@ -25,3 +26,25 @@ def test_saved_model_describes_itself_and_reloads_equal(tmp_path, fuser, head):
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         FusionModel.from_pretrained(tmp_path)
+
+
+def test_lw_input_and_rescales_are_saved_and_older_models_load_as_paper(tmp_path):
+    shapes = {"b_0": (16, 4, 4), "b_1": (8, 4, 4), "a_0": (8, 2, 2)}
+    torch.manual_seed(0)
+    model = FusionModel(ModelConfig("lw", "upernet", shapes, ["t47"], 3, projection_dim=128, channels=16,
+                                    rescales=[2, 1], lw_input="reference")).eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["lw_input"] == "reference" and config["rescales"] == [2, 1]
+    again = FusionModel.from_pretrained(tmp_path).eval()
+    assert again.fuser.input_mode == "reference"
+    x = {"t47": {l: torch.randn(2, *s) for l, s in shapes.items()}}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, (8, 8))[0], again(x, (8, 8))[0])
+    # A model saved before either key existed: the paper's LW input, no resampling.
+    del config["lw_input"], config["rescales"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.neck.")}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    old = FusionModel.from_pretrained(tmp_path)
+    assert old.config.lw_input == "paper" and old.fuser.input_mode == "paper" and old.config.rescales == [1, 1, 1, 1]

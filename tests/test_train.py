@@ -123,3 +123,18 @@ def test_training_validates_mid_epoch_returns_to_train_mode_and_stops_early(cach
     assert modes == [True, True, True]  # every training step ran in train mode
     assert (tmp_path / "model" / "model.safetensors").is_file()
     assert set(result.metrics["test"]) >= {"accuracy", "macro_f1", "confusion_matrix"}
+
+
+def test_model_config_carries_lw_input_and_one_rescale_factor_per_scale():
+    from pipeline.config import ConfigError, load_config
+
+    shapes = {"a": (16, 8, 8), "b": (16, 4, 4), "c": (16, 2, 2)}
+    cfg = load_config("configs/demo_seg_exp.yaml", {"fuser": "lw", "lw_input": "reference", "rescales": [2, 1, 0.5]})
+    config = model_config(cfg, shapes, ["t47"])
+    assert config.lw_input == "reference" and config.rescales == [2, 1, 0.5]
+    assert FusionModel(config).fuser.input_mode == "reference"
+    # The default factors of 1 fit any number of scales.
+    assert model_config(load_config("configs/demo_seg_exp.yaml"), shapes, ["t47"]).rescales == [1, 1, 1]
+    with pytest.raises(ConfigError, match=r"demo_seg_exp.yaml: rescales \[4, 2, 1, 0.5\] has 4 factors but the selected "
+                                          r"layers make 3 scales \(widths \[8, 4, 2\]\); give one factor per scale"):
+        model_config(load_config("configs/demo_seg_exp.yaml", {"rescales": [4, 2, 1, 0.5]}), shapes, ["t47"])

@@ -17,6 +17,7 @@ from torch import nn
 from .bottleneck import projection
 
 FUSERS = ("gw", "lw", "moe")
+LW_INPUTS = ("paper", "reference")
 
 
 def timestep_order(timesteps) -> list[str]:
@@ -45,14 +46,17 @@ class Fuser(nn.Module):
         return self.layer_shapes[layer][0]
 
     def project(self, feats: dict, layer: str) -> list[torch.Tensor]:
-        """Φ of ``layer`` applied to each timestep's map, in ``self.timesteps`` order.
+        """Φ of ``layer`` applied to each timestep's map, in ``self.timesteps`` order."""
+        return self.project_maps(layer, [feats[t][layer] for t in self.timesteps])
+
+    def project_maps(self, layer: str, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Φ of ``layer`` applied to each of ``maps``.
 
         The timesteps share Φ, so their maps go through it as one batch: the same result per map
         (convolution and GroupNorm act per sample) from a third of the calls.
         """
         phi = self.bottleneck_layers[self.layers.index(layer)]
-        x = torch.cat([feats[t][layer] for t in self.timesteps]).float()
-        return list(phi(x).chunk(len(self.timesteps)))
+        return list(phi(torch.cat(maps).float()).chunk(len(maps)))
 
 
 class GlobalWeightedFuser(Fuser):
@@ -79,10 +83,21 @@ class GlobalWeightedFuser(Fuser):
 
 
 class LocalWeightedFuser(Fuser):
-    """The same Φs; per scale a 1×1 conv on the mean projected map gives per-pixel weights."""
+    """The same Φs; per scale a 1×1 conv on the mean projected map gives per-pixel weights.
 
-    def __init__(self, layer_shapes, timesteps, projection_dim: int = 384, temperature: float = 1.0):
+    ``input_mode`` says what each Φ reads. ``paper``: its own layer's map, as the paper describes.
+    ``reference``: what the reference's code feeds it; its channel offset into a scale's
+    concatenated layers never advances, so the Φ of a layer with C channels reads the first C
+    channels of that concatenation: the scale's first map, running on into the next maps' channels
+    when C is larger than the first map's. At the default extraction that is 4 of the 21 layers.
+    """
+
+    def __init__(self, layer_shapes, timesteps, projection_dim: int = 384, temperature: float = 1.0,
+                 input_mode: str = "paper"):
         super().__init__(layer_shapes, timesteps, projection_dim)
+        if input_mode not in LW_INPUTS:
+            raise ValueError(f"LW input_mode {input_mode!r} is not one of {LW_INPUTS}")
+        self.input_mode = input_mode
         self.bottleneck_layers = nn.ModuleList(projection(self.channels(l), projection_dim) for l in self.layers)
         self.gate_modules = nn.ModuleList(
             nn.Conv2d(projection_dim, len(self.timesteps) * len(group), kernel_size=1) for group in self.scales.values()
@@ -93,12 +108,18 @@ class LocalWeightedFuser(Fuser):
         out, gates = [], []
         for group, gate in zip(self.scales.values(), self.gate_modules):
             # (B, T*L_s, P, H, W), timestep-major as the reference stacks them.
-            projected = {l: self.project(feats, l) for l in group}
+            projected = self.project_scale(feats, group)
             stack = torch.stack([projected[l][ti] for ti in range(len(self.timesteps)) for l in group], dim=1)
             weights = F.softmax(gate(stack.mean(dim=1)) / self.temperature, dim=1)
             out.append((weights.unsqueeze(2) * stack).sum(dim=1))
             gates.append(weights.detach())
         return out, {"gates": gates}
+
+    def project_scale(self, feats: dict, group: list[str]) -> dict[str, list[torch.Tensor]]:
+        if self.input_mode == "paper":
+            return {l: self.project(feats, l) for l in group}
+        joined = [torch.cat([feats[t][l] for l in group], dim=1) for t in self.timesteps]
+        return {l: self.project_maps(l, [x[:, : self.channels(l)] for x in joined]) for l in group}
 
 
 class ExpertsPerScale(nn.Module):
@@ -173,11 +194,11 @@ class MoEFuser(Fuser):
 
 
 def build_fuser(kind: str, layer_shapes: dict, timesteps, projection_dim: int, num_experts: int = 8,
-                top_k: int = 2, warmup_steps: int = 300) -> Fuser:
+                top_k: int = 2, warmup_steps: int = 300, lw_input: str = "paper") -> Fuser:
     if kind == "gw":
         return GlobalWeightedFuser(layer_shapes, timesteps, projection_dim)
     if kind == "lw":
-        return LocalWeightedFuser(layer_shapes, timesteps, projection_dim)
+        return LocalWeightedFuser(layer_shapes, timesteps, projection_dim, input_mode=lw_input)
     if kind == "moe":
         return MoEFuser(layer_shapes, timesteps, projection_dim, num_experts, top_k, warmup_steps)
     raise ValueError(f"fuser {kind!r} is not one of {FUSERS}")

@@ -5,7 +5,10 @@
 - UPerNet: pyramid pooling (scales 1/2/3/6) on the narrowest map, FPN laterals and 3×3 convs,
   BatchNorm + ReLU, a fusing bottleneck, Dropout2d(0.1) and a 1×1 classifier; logits resized
   bilinearly to the label size. (The reference uses SyncBatchNorm, which is BatchNorm on one
-  device; its neck with rescales 1 is the identity.)
+  device.) Before it, the reference's neck resamples each scale by its factor of ``rescales``:
+  4 (two stride-2 transposed convolutions with BatchNorm and GELU between), 2 (one), 1 (as is),
+  0.5 or 0.25 (max pooling). With the default factors of 1 the neck is the identity and has no
+  parameters.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 HEADS = ("linear", "upernet")
+RESCALES = (4, 2, 1, 0.5, 0.25)
 
 
 class LinearHead(nn.Module):
@@ -33,11 +37,43 @@ def conv_bn_relu(cin: int, cout: int, kernel: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+def upsample2(channels: int) -> nn.ConvTranspose2d:
+    return nn.ConvTranspose2d(channels, channels, kernel_size=2, stride=2)
+
+
+def rescale(factor: float, channels: int) -> nn.Module:
+    """The reference's resampling of one scale by ``factor``."""
+    if factor == 4:
+        return nn.Sequential(upsample2(channels), nn.BatchNorm2d(channels), nn.GELU(), upsample2(channels))
+    if factor == 2:
+        return nn.Sequential(upsample2(channels))
+    if factor == 1:
+        return nn.Identity()
+    if factor in (0.5, 0.25):
+        return nn.MaxPool2d(kernel_size=int(1 / factor), stride=int(1 / factor))
+    raise ValueError(f"rescale factor {factor!r} is not one of {RESCALES}")
+
+
+class Neck(nn.Module):
+    """Each scale resampled by its factor (named ``ops`` as the reference names them)."""
+
+    def __init__(self, channels: int, factors):
+        super().__init__()
+        self.ops = nn.ModuleList(rescale(f, channels) for f in factors)
+
+    def forward(self, scales: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [op(x) for op, x in zip(self.ops, scales)]
+
+
 class UPerNetHead(nn.Module):
     def __init__(self, projection_dim: int, num_scales: int, num_classes: int, channels: int = 512,
-                 pool_scales=(1, 2, 3, 6)):
+                 pool_scales=(1, 2, 3, 6), rescales=(1, 1, 1, 1)):
         super().__init__()
-        pool_scales = tuple(pool_scales)[:num_scales]  # as the reference trims them
+        if len(rescales) < num_scales:
+            raise ValueError(f"rescales {list(rescales)} has {len(rescales)} factors for {num_scales} scales")
+        # Both trimmed to the number of scales, as the reference trims them.
+        pool_scales = tuple(pool_scales)[:num_scales]
+        self.neck = Neck(projection_dim, tuple(rescales)[:num_scales])
         self.psp_modules = nn.ModuleList(
             nn.Sequential(nn.AdaptiveAvgPool2d(p), *conv_bn_relu(projection_dim, channels, 1)) for p in pool_scales
         )
@@ -55,6 +91,7 @@ class UPerNetHead(nn.Module):
     def forward(self, scales: list[torch.Tensor], output_shape=None) -> torch.Tensor:
         if output_shape is None:
             raise ValueError("UPerNetHead needs output_shape, the (H, W) of the label maps")
+        scales = self.neck(scales)
         laterals = [conv(scales[i]) for i, conv in enumerate(self.lateral_convs)] + [self._psp(scales[-1])]
         for i in range(len(laterals) - 1, 0, -1):  # top-down
             laterals[i - 1] = laterals[i - 1] + F.interpolate(

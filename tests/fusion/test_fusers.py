@@ -114,3 +114,111 @@ def test_moe_balance_term_is_the_references_mean_over_scales_and_timesteps():
     torch.testing.assert_close(aux["balance_loss"], torch.stack(terms).mean())
     assert float(aux["balance_loss"].detach()) <= 1e-6  # zero for uniform use, negative otherwise
     assert aux["expert_usage"].shape == (2, 4)
+
+
+# One scale whose layers differ in width (8, 16, 8 channels), so that reading from the wrong offset
+# shows, and a second scale of one layer.
+UNEVEN = {"w4_0": (8, 4, 4), "w4_1": (16, 4, 4), "w4_2": (8, 4, 4), "w2_0": (16, 2, 2)}
+
+
+def reference_lw_forward(bottlenecks, gates, feature_dims, batch_feats, num_timesteps, temperature=1.0):
+    """The reference's LW forward, step by step, on its inputs: ``batch_feats`` maps an integer
+    label to one tensor per scale (widest first) holding that scale's layers concatenated along
+    channels; ``feature_dims`` maps a width to its layers' channel counts. Its channel offset is
+    reset for every timestep and never moved on, so every slice starts at channel 0."""
+    scales = sorted(feature_dims, reverse=True)
+    counts = [len(feature_dims[w]) for w in scales]
+    labels = sorted(batch_feats)[::-1]
+    fused, gate_maps = [], []
+    for s, width in enumerate(scales):
+        per_t = []
+        for ti in range(num_timesteps):
+            t_feats = batch_feats[labels[ti]][s].float()
+            start = 0
+            per_l = []
+            for l, dim in enumerate(feature_dims[width]):
+                per_l.append(bottlenecks[sum(counts[:s]) + l](t_feats[:, start:start + dim]))
+            per_t.append(torch.stack(per_l, dim=1))
+        stacked = torch.stack(per_t, dim=1)
+        b, t, l, c, h, w = stacked.shape
+        k = stacked.reshape(b, t * l, c, h, w)
+        weights = torch.softmax(gates[s](k.mean(dim=1)) / temperature, dim=1)
+        fused.append((weights.unsqueeze(2) * k).sum(dim=1))
+        gate_maps.append(weights)
+    return fused, gate_maps
+
+
+def reference_inputs(x: dict, shapes: dict) -> dict:
+    """Our {timestep: {layer: map}} as the reference's extractor hands it over."""
+    groups = group_by_scale(shapes)
+    return {int(t[1:]): [torch.cat([maps[l] for l in group], dim=1) for group in groups.values()]
+            for t, maps in x.items()}
+
+
+def test_lw_reference_input_reproduces_the_reference_forward():
+    from pipeline.fusion.bottleneck import projection
+
+    torch.manual_seed(0)
+    fuser = LocalWeightedFuser(UNEVEN, ["t40", "t47", "t45"], projection_dim=128, input_mode="reference")
+    # The reference's modules, built on their own and given the fuser's weights.
+    bottlenecks = torch.nn.ModuleList(projection(UNEVEN[l][0], 128) for l in fuser.layers)
+    gates = torch.nn.ModuleList(torch.nn.Conv2d(128, 3 * n, 1) for n in (3, 1))
+    bottlenecks.load_state_dict(fuser.bottleneck_layers.state_dict())
+    gates.load_state_dict(fuser.gate_modules.state_dict())
+    x = feats(UNEVEN, timesteps=("t47", "t45", "t40"), batch=3)
+    dims = {w: [UNEVEN[l][0] for l in group] for w, group in group_by_scale(UNEVEN).items()}
+    with torch.no_grad():
+        out, aux = fuser(x)
+        want, want_gates = reference_lw_forward(bottlenecks, gates, dims, reference_inputs(x, UNEVEN), 3)
+    for ours, theirs in zip(out + aux["gates"], want + want_gates):
+        assert torch.equal(ours, theirs)
+
+
+def test_lw_reference_input_reads_the_first_channels_of_each_scale():
+    torch.manual_seed(0)
+    fuser = LocalWeightedFuser(UNEVEN, ["t47", "t40"], projection_dim=128, input_mode="reference")
+    seen = record_bottleneck_inputs(fuser, feats(UNEVEN))
+    x = feats(UNEVEN)
+    first = torch.cat([x["t47"]["w4_0"], x["t40"]["w4_0"]]).float()
+    assert torch.equal(seen["w4_0"], first) and torch.equal(seen["w4_2"], first)
+    # 16 channels: the first layer's 8 and then the first 8 of the second layer's.
+    spill = torch.cat([torch.cat([x[t]["w4_0"], x[t]["w4_1"][:, :8]], dim=1) for t in ("t47", "t40")]).float()
+    assert torch.equal(seen["w4_1"], spill)
+    # The last map of the scale is never read.
+    changed = feats(UNEVEN)
+    changed["t47"]["w4_2"] += 1
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(fuser(x)[0], fuser(changed)[0]))
+
+
+def record_bottleneck_inputs(fuser, x: dict) -> dict:
+    seen = {}
+    hooks = [phi.register_forward_pre_hook(lambda m, args, l=l: seen.__setitem__(l, args[0]))
+             for l, phi in zip(fuser.layers, fuser.bottleneck_layers)]
+    with torch.no_grad():
+        fuser(x)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def test_lw_paper_input_gives_each_bottleneck_its_own_layer():
+    torch.manual_seed(0)
+    fuser = LocalWeightedFuser(UNEVEN, ["t47", "t40"], projection_dim=128)
+    assert fuser.input_mode == "paper"
+    x = feats(UNEVEN)
+    seen = record_bottleneck_inputs(fuser, x)
+    for layer in UNEVEN:
+        assert torch.equal(seen[layer], torch.cat([x["t47"][layer], x["t40"][layer]]).float())
+    # Changing one layer's map changes what its own bottleneck reads and nothing else's.
+    changed = feats(UNEVEN)
+    changed["t40"]["w4_2"] += 1
+    again = record_bottleneck_inputs(fuser, changed)
+    assert [l for l in UNEVEN if not torch.equal(seen[l], again[l])] == ["w4_2"]
+    with torch.no_grad():
+        assert not torch.equal(fuser(x)[0][0], fuser(changed)[0][0])
+
+
+def test_lw_input_mode_is_checked():
+    with pytest.raises(ValueError, match="input_mode 'ref' is not one of"):
+        LocalWeightedFuser(UNEVEN, ["t47"], projection_dim=128, input_mode="ref")

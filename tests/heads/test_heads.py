@@ -23,3 +23,32 @@ def test_upernet_gives_logits_at_the_label_size():
     assert out.shape == (2, 5, 20, 20)
     with pytest.raises(ValueError, match="needs output_shape"):
         head([torch.randn(1, 16, 8, 8)] * 3)
+
+
+def test_upernet_neck_resamples_each_scale_as_the_reference():
+    torch.manual_seed(0)
+    head = UPerNetHead(16, num_scales=4, num_classes=3, channels=8, rescales=[4, 2, 1, 0.5, 0.25])
+    assert len(head.neck.ops) == 4  # factors trimmed to the number of scales, as the reference does
+    up4, up2 = head.neck.ops[0], head.neck.ops[1]
+    assert [type(m).__name__ for m in up4] == ["ConvTranspose2d", "BatchNorm2d", "GELU", "ConvTranspose2d"]
+    assert all((m.kernel_size, m.stride) == ((2, 2), (2, 2)) for m in (up4[0], up4[3], up2[0]))
+    # Parameter names follow the reference's neck, so its weights map one to one.
+    names = {"neck.ops.0.0.weight", "neck.ops.0.1.running_mean", "neck.ops.0.3.bias", "neck.ops.1.0.weight"}
+    assert names <= set(head.state_dict())
+    head.eval()
+    scales = [torch.randn(2, 16, s, s) for s in (8, 4, 2, 2)]
+    with torch.no_grad():
+        out = head.neck(scales)
+        assert [o.shape[-1] for o in out] == [32, 8, 2, 1]
+        assert torch.equal(out[0], up4[3](F.gelu(up4[1](up4[0](scales[0])))))
+        assert torch.equal(out[2], scales[2]) and torch.equal(out[3], F.max_pool2d(scales[3], 2, 2))
+        assert head(scales, output_shape=(20, 20)).shape == (2, 3, 20, 20)
+
+
+def test_upernet_default_neck_has_no_parameters_and_bad_factors_are_refused():
+    head = UPerNetHead(16, num_scales=3, num_classes=5, channels=8)
+    assert not any(k.startswith("neck.") for k in head.state_dict())
+    with pytest.raises(ValueError, match=r"rescales \[1, 1\] has 2 factors for 3 scales"):
+        UPerNetHead(16, num_scales=3, num_classes=5, channels=8, rescales=[1, 1])
+    with pytest.raises(ValueError, match="rescale factor 3 is not one of"):
+        UPerNetHead(16, num_scales=1, num_classes=5, channels=8, rescales=[3])
