@@ -122,3 +122,27 @@ def test_a_probe_run_never_loads_the_backbone(demo_caches, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert (tmp_path / "metrics.json").exists()
+
+
+def test_a_probe_on_a_cache_with_a_missing_or_corrupt_pooled_chunk_stops_with_one_line(demo_caches, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(demo_caches["demo_cls"][0], cache_dir)
+    chunk = cache_dir / "train.zarr" / "pooled" / "t45" / "up_blocks_2_attn1_1" / "c" / "1" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    corrupt = CliRunner().invoke(app, ["probe", "--cache", str(cache_dir), "--out", str(out), "--set", "c_grid=[1.0]"])
+    assert corrupt.exit_code == 2 and corrupt.output.count("\n") == 1, corrupt.output
+    assert "array pooled/t45/up_blocks_2_attn1_1, rows 8-15: cannot be read" in corrupt.output
+    chunk.unlink()
+    missing = CliRunner().invoke(app, ["probe", "--cache", str(cache_dir), "--out", str(out), "--set", "c_grid=[1.0]"])
+    assert missing.exit_code == 2 and "rows 8-15: its stored object pooled/t45/up_blocks_2_attn1_1/c/1/0 is " \
+        "missing; run `satdifuser cache verify" in missing.output
+    assert not (out / "metrics.json").exists()

@@ -207,13 +207,24 @@ class FeatureCache:
             if self._readers[name] is not None:
                 return self._readers[name].read(idx)
         self._require_stored(name, idx)
+        array = self.array(name)
         try:
-            return self._zarr_read(self.array(name), idx)
+            return self._zarr_read(array, idx)
         except CacheError:
             raise
-        except Exception as err:  # codec and checksum errors come in several types
-            rows = (int(idx.min()), int(idx.max()) + 1) if idx.size else (0, 0)
-            raise DamagedData(self.path, name, rows, f"cannot be read ({type(err).__name__}: {err})") from None
+        except Exception:  # codec and checksum errors come in several types
+            raise self._unreadable(name, array, idx) from None
+
+    def _unreadable(self, name: str, array, idx: np.ndarray) -> DamagedData:
+        """The error for a read that failed, naming the first shard that fails on its own."""
+        per_file = (array.shards or array.chunks)[0]
+        for shard in np.unique(idx // per_file).tolist():
+            rows = (shard * per_file, min((shard + 1) * per_file, len(self)))
+            try:
+                array[rows[0] : rows[1]]
+            except Exception as err:
+                return DamagedData(self.path, name, rows, f"cannot be read ({type(err).__name__}: {err})")
+        return DamagedData(self.path, name, (int(idx.min()), int(idx.max()) + 1), "cannot be read")
 
     def _require_stored(self, name: str, idx: np.ndarray) -> None:
         """Raise naming the array and rows when an object holding rows ``idx`` is not in the store:
