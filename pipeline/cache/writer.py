@@ -62,18 +62,19 @@ class CacheWriter:
         root, stored = _open_existing(path, mode, storage_options)
         if stored is None:
             return None
-        if stored.get("format_version") != FORMAT_VERSION or not {"request", "plan"} <= set(stored):
-            raise CacheError(
-                f"cache {path} has format version {stored.get('format_version')}, this version writes "
-                f"{FORMAT_VERSION}; pass --overwrite to rebuild it"
-            )
+        version = stored.get("format_version") if isinstance(stored, dict) else None
+        if version != FORMAT_VERSION:
+            raise CacheError(f"cache {path} has format version {version}, this version writes {FORMAT_VERSION}; "
+                             "pass --overwrite to rebuild it")
+        try:
+            if not isinstance(stored.get("request"), dict):
+                raise ValueError("its request is missing")
+            plan = CachePlan.from_attrs(stored.get("plan"))
+        except ValueError as err:
+            raise CacheError(f"cache {path} has damaged attributes: {err}; pass --overwrite to rebuild it") from None
         diffs = differences(stored["request"], request)
         if diffs:
             raise CacheMismatch(path, diffs, "pass --overwrite to rebuild it")
-        try:
-            plan = CachePlan.from_attrs(stored["plan"])
-        except ValueError as err:
-            raise CacheError(f"cache {path} has damaged attributes: {err}; pass --overwrite to rebuild it") from None
         return cls(root, path, plan)
 
     @classmethod

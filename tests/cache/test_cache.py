@@ -220,3 +220,38 @@ def test_shards_equal_to_the_fill_value_are_stored(tmp_path):
     arrays["labels"] = np.zeros_like(arrays["labels"])
     resumed.write_shard(1, arrays)
     assert verify_cache(open_cache(str(tmp_path / "c.zarr"))) == []
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a["plan"].update(num_samples=-5), "damaged attributes: its plan has an invalid num_samples (-5)"),
+    (lambda a: a["plan"].update(num_samples=10**9), "array done has shape (10,), its attributes say (1000000000,)"),
+    (lambda a: a.pop("plan"), "damaged attributes: its plan is missing"),
+    (lambda a: a["plan"].pop("layer_shapes"), "damaged attributes: its plan lacks 'layer_shapes'"),
+    (lambda a: a["plan"].update(layer_shapes={"x": [4, -1, 8]}), "its plan has an invalid layer_shapes"),
+    (lambda a: a["plan"].update(shard_size=0), "its plan has an invalid shard_size (0)"),
+    (lambda a: a.pop("request"), "damaged attributes: its request is missing"),
+])
+def test_crafted_attributes_are_refused_with_one_line(tmp_path, change, message):
+    import zarr
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    build(tmp_path / "c.zarr")
+    root = zarr.open_group(str(tmp_path / "c.zarr"), mode="r+")
+    attrs = root.attrs["satdifuser"]
+    change(attrs)
+    root.attrs["satdifuser"] = attrs
+    with pytest.raises(CacheError) as err:
+        open_cache(str(tmp_path / "c.zarr"))
+    assert message in str(err.value)
+    info = CliRunner().invoke(app, ["cache", "info", str(tmp_path / "c.zarr")])
+    assert info.exit_code == 2 and info.output.count("\n") == 1 and message in info.output
+    if "shape" not in message:  # the writer reads only the attributes
+        with pytest.raises(CacheError, match="damaged attributes"):
+            CacheWriter.reopen(str(tmp_path / "c.zarr"), REQUEST)
+
+
+def test_an_unknown_protocol_is_named_not_taken_for_a_missing_cache():
+    with pytest.raises(CacheError, match="cache location nosuch://bucket/c.zarr: unknown protocol 'nosuch'"):
+        open_cache("nosuch://bucket/c.zarr")
