@@ -60,6 +60,8 @@ def test_later_files_and_overrides_win_and_dicts_merge_deeply(tmp_path):
         ({"img_size": 100}, "img_size 100 is not a multiple of 8"),
         ({"use_metadata": True}, "use_metadata is true but num_metadata is 0"),
         ({"batch_size": 0}, "batch_size is 0; expected an integer >= 1"),
+        ({"band_scale": -1}, "band_scale is -1; expected a number > 0"),
+        ({"band_scale": 0}, "band_scale is 0; expected a number > 0"),
     ],
 )
 def test_bad_values_are_refused_with_key_value_and_allowed(overrides, message):
