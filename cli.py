@@ -54,7 +54,12 @@ def parse_overrides(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item!r} is not key=value (e.g. --set latent=mean)")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or "unreadable"
+            raise UserError(f"--set {item!r}: the value {value!r} is not valid YAML ({problem}); write it whole, "
+                            "e.g. --set 'save_timesteps=[47,45]' or --set prompt='A satellite image'") from None
     return out
 
 

@@ -46,6 +46,11 @@ def _number(v):
         return "a number"
 
 
+def _positive(v):
+    if _number(v) or v <= 0:
+        return "a number > 0"
+
+
 def _bool(v):
     if not isinstance(v, bool):
         return "true or false"
@@ -160,7 +165,7 @@ class Config:
     geobench_dir: str | None = _field(None, _optional(_str), ours=True)
     geobench_task: str | None = _field(None, _optional(_str), ours=True)
     bands: list | None = _field(None, _optional(_list_of(_str, "band names", length=3)), ours=True)
-    band_scale: float | None = _field(None, _optional(_number), ours=True)
+    band_scale: float | None = _field(None, _optional(_positive), ours=True)
     partition: str = _field("default", _str, ours=True)
     # --- experiment (*_exp.yaml) ---
     lr: float = _field(0.01, _number)

@@ -38,6 +38,13 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} was asked for but CUDA is not available; use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"device {name!r} was asked for but this machine has {count} CUDA device(s), "
+                          f"cuda:0 to cuda:{count - 1}; use one of them or --device auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r} was asked for but MPS (Apple silicon) is not available here; "
+                          "use --device cpu or auto")
     return device
 
 

@@ -2,7 +2,9 @@
 recomputed through the backbone for every batch, as the reference does) and write the outputs.
 
 Outputs in ``out_dir``: ``metrics.json`` (val and test of the best model), ``model/`` (config.json +
-model.safetensors), ``history.csv`` and the plots of ``pipeline.plots`` (PNG and CSV for DVC).
+model.safetensors), ``training_state.pt`` (``pipeline.resume``), ``history.csv`` and the plots of
+``pipeline.plots`` (PNG and CSV for DVC). They are written into a partial folder beside it and
+swapped in at the end (``pipeline.outputs``), so a stopped fit leaves the previous output as it was.
 """
 
 from __future__ import annotations
@@ -99,9 +101,10 @@ def live_splits(cfg: Config, timesteps, layers, device, shard_size: int | None =
 def fit(cfg: Config, out_dir: str | Path, device: str | None = None, live: bool = False,
         cache_dir: str | None = None, progress: bool = True) -> dict:
     from .extract import resolve_device
-    from .plots import write_plots
+    from .outputs import begin_output, output_folder, publish_output
+    from .resume import STATE_NAME, load_state
 
-    out_dir = Path(out_dir)
+    out_dir = output_folder(out_dir)
     dev = resolve_device(device or cfg.device)
     # Tiny activations turn into subnormal floats in the backward pass, which run tens of times
     # slower on CPUs; flushing them to zero changes nothing measurable and keeps steps steady.
@@ -119,13 +122,32 @@ def fit(cfg: Config, out_dir: str | Path, device: str | None = None, live: bool 
               else cached_splits(cfg, caches, timesteps, layers, rows))
     torch.manual_seed(cfg.seed)
     model = FusionModel(config).to(dev)
+    state = load_state(cfg.resume_from, model, cfg, dev) if cfg.resume_from else None
+    # Read before the partial folder is cleared: the state may be that of a fit stopped there.
+    partial = begin_output(out_dir, keep=state["path"] if state else None)
     log.info("%s + %s: %d parameters, %d timesteps x %d layers, %s features", cfg.fuser, model.config.head,
              sum(p.numel() for p in model.parameters()), len(timesteps), len(layers), "live" if live else "cached")
-    result = train(cfg, model, splits, out_dir, dev, progress)
+    try:
+        metrics = _train_and_write(cfg, model, splits, caches, partial, dev, live, progress, state)
+    except (Exception, KeyboardInterrupt) as err:
+        resumable = (partial / STATE_NAME).is_file()
+        log.warning("fit stopped (%s): nothing at %s was changed; the partial output is in %s%s", type(err).__name__,
+                    out_dir, partial, f" (resume_from: {partial} continues it)" if resumable else "")
+        raise
+    publish_output(partial, out_dir)
+    return metrics
+
+
+def _train_and_write(cfg: Config, model: FusionModel, splits: Splits, caches: dict, out_dir: Path, dev, live: bool,
+                     progress: bool, state: dict | None) -> dict:
+    from .plots import write_plots
+
+    result = train(cfg, model, splits, out_dir, dev, progress, state)
     extraction = caches["train"].request["extraction"]
     result.metrics.update(fuser=cfg.fuser, dataset=cfg.dataset_name, seed=cfg.seed, live=live,
-                          train_images=len(rows), limited_label=cfg.limited_label,
-                          timesteps=timesteps, layers=layers, backbone=caches["train"].request["backbone"]["id"],
+                          train_images=splits.train_size, limited_label=cfg.limited_label,
+                          timesteps=list(model.config.timesteps), layers=list(model.config.layer_shapes),
+                          backbone=caches["train"].request["backbone"]["id"],
                           latent_seed=extraction["seed"], precision=extraction["precision"])
     best = FusionModel.from_pretrained(out_dir / "model", dev)
     aux = aux_summary(cfg, best, splits, dev)

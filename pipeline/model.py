@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .errors import UserError, first_line
 from .fusion.fusers import build_fuser
 from .heads.heads import LinearHead, UPerNetHead
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+REFIT = "re-run `satdifuser fit` or restore the folder from a copy"
+
+
+class ModelError(UserError):
+    """A saved model folder that cannot be loaded."""
 
 
 @dataclass(frozen=True)
@@ -69,15 +75,48 @@ class FusionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> "FusionModel":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         folder = Path(folder)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder / name} is missing; a saved model holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-        model = cls(ModelConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text())))
-        model.load_state_dict(load_file(str(folder / WEIGHTS_NAME), device=str(device)))
+        config = _read_config(folder / CONFIG_NAME)
+        try:
+            model = cls(config)
+        except (TypeError, ValueError, KeyError, AttributeError) as err:  # a value no model has
+            raise ModelError(f"{folder / CONFIG_NAME} does not describe a model that can be built "
+                             f"({first_line(err)}); {REFIT}") from None
+        try:
+            weights = load_file(str(folder / WEIGHTS_NAME), device=str(device))
+        except (SafetensorError, OSError) as err:
+            raise ModelError(f"{folder / WEIGHTS_NAME} is not a readable safetensors file ({first_line(err)}); "
+                             f"it is truncated or damaged: {REFIT}") from None
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:
+            raise ModelError(f"{folder / WEIGHTS_NAME} does not hold the weights {CONFIG_NAME} describes "
+                             f"({first_line(err.args[0].split(':', 1)[-1])}); {REFIT}") from None
         return model.to(device)
+
+
+def _read_config(path: Path) -> ModelConfig:
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(f"{path} is not valid JSON ({first_line(err)}); {REFIT}") from None
+    keys = {f.name for f in fields(ModelConfig)}
+    required = {f.name for f in fields(ModelConfig) if f.default is MISSING and f.default_factory is MISSING}
+    if not isinstance(values, dict):
+        raise ModelError(f"{path} must hold a JSON object with the keys {sorted(keys)}; {REFIT}")
+    missing, unknown = sorted(required - set(values)), sorted(set(values) - keys)
+    if missing or unknown:
+        raise ModelError(f"{path} is not a saved model's config (missing keys {missing}, unknown keys {unknown}); {REFIT}")
+    try:
+        return ModelConfig.from_dict(values)
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ModelError(f"{path} does not describe a model that can be built ({first_line(err)}); {REFIT}") from None
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 from .cache.reader import FeatureCache, open_cache
 from .cache.store import CacheError
 from .metrics import SELECTION
+from .outputs import output_folder
 from .probe import ALL, Cell, Probe, ProbeError, ProbeSettings, best_cells, settings_dict
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ def run_probe(cache_dir: str | Path, out_dir: str | Path, settings: ProbeSetting
     ``partitions`` names ``<f>x_train`` partitions of the GEO-Bench task in ``task_dir``; ``["all"]``
     takes every one the task has. ``seeds`` adds that many random draws of each partition's size.
     """
+    output_folder(out_dir)  # before any work
     caches = open_task_caches(cache_dir, storage_options)
     info = TaskInfo.of(caches)
     if partitions and task_dir is None:

@@ -42,6 +42,8 @@ def cache_ledgers(cache_root: Path) -> list[dict]:
 def fit_rows(exp_root: Path) -> list[dict]:
     rows = []
     for path in sorted(exp_root.glob("**/metrics.json")):
+        if any(part.startswith(".") for part in path.relative_to(exp_root).parts):
+            continue  # a fit's partial output (pipeline.outputs), not a result
         m = json.loads(path.read_text())
         metric = m["selection_metric"]
         ledger = m.get("ledger", {})

@@ -37,9 +37,10 @@ INIT_LR = 2e-5  # the reference's warm-up starting point
 class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
     """The reference's per-epoch schedule (epoch 0 runs at 2e-5)."""
 
-    def __init__(self, optimizer, warmup_epochs: int, max_lr: float, min_lr: float, total_epochs: int):
+    def __init__(self, optimizer, warmup_epochs: int, max_lr: float, min_lr: float, total_epochs: int,
+                 last_epoch: int = -1):
         self.warmup_epochs, self.max_lr, self.min_lr, self.total_epochs = warmup_epochs, max_lr, min_lr, total_epochs
-        super().__init__(optimizer)
+        super().__init__(optimizer, last_epoch)
 
     def get_lr(self):
         epoch = min(self.last_epoch, self.total_epochs)
@@ -140,30 +141,43 @@ class Splits:
     train_size: int
 
 
-def train(cfg: Config, model: FusionModel, splits: Splits, out_dir: Path, device, progress: bool = True) -> FitResult:
-    """The reference's loop over ``splits``; writes the best model and returns val/test metrics."""
+def train(cfg: Config, model: FusionModel, splits: Splits, out_dir: Path, device, progress: bool = True,
+          resume: dict | None = None) -> FitResult:
+    """The reference's loop over ``splits``; writes the best model and, after every epoch, the
+    training state (``pipeline.resume``), and returns val/test metrics. ``resume`` is a loaded
+    state to continue from."""
     from tqdm.auto import tqdm
+
+    from .resume import restore, save_state
 
     task = cfg.task
     select = SELECTION[task]
     output_shape = (cfg.original_img_size, cfg.original_img_size) if task == "segmentation" else None
     loss_fn = criterion(task, cfg.ignore_index)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.op_weight_decay)
-    sched = WarmupCosine(opt, cfg.warmup_epochs, cfg.lr, cfg.min_lr, cfg.max_train_epochs)
+    best_dir = out_dir / "model"
+    done = resume or {}
+    if resume:
+        restore(resume, model, opt, best_dir, device)
+    # Resumed, the schedule is this config's at the epochs done (the same as before unless it changed).
+    sched = WarmupCosine(opt, cfg.warmup_epochs, cfg.lr, cfg.min_lr, cfg.max_train_epochs, done.get("epoch", 0) - 1)
     steps_per_epoch = -(-splits.train_size // cfg.batch_size)
     eval_every = min(cfg.eval_every_n_steps or steps_per_epoch, steps_per_epoch)
 
     def run_eval(batches):
         return evaluate(model, batches, task, cfg.num_classes, cfg.ignore_index, output_shape, device)
 
-    best, best_step, stale, step, history = -math.inf, 0, 0, 0, []
-    seen = 0  # training images through the model, for the cost ledger
-    data_wait = 0.0
-    best_dir = out_dir / "model"
+    best, best_step = done.get("best", -math.inf), done.get("best_step", 0)
+    stale, step = done.get("stale", 0), done.get("step", 0)
+    history = list(done.get("history", []))
+    seen = done.get("seen", 0)  # training images through the model, for the cost ledger
+    data_wait, spent = done.get("data_wait", 0.0), done.get("seconds", 0.0)
     started = time.perf_counter()
-    epoch = 0
+    epochs_done = done.get("epoch", 0)
+    # A state saved when early stopping struck trains no further.
+    last = cfg.max_train_epochs if stale < cfg.early_stopping_patience else epochs_done
     model.train()
-    for epoch in range(cfg.max_train_epochs):
+    for epoch in range(epochs_done, last):
         bar = tqdm(splits.train(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
         batches = iter(bar)
         while True:
@@ -199,16 +213,20 @@ def train(cfg: Config, model: FusionModel, splits: Splits, out_dir: Path, device
             if stale >= cfg.early_stopping_patience:
                 break
         sched.step()
+        epochs_done = epoch + 1
+        save_state(out_dir, model, opt, cfg, torch.device(device), {
+            "epoch": epochs_done, "step": step, "best": best, "best_step": best_step, "stale": stale, "seen": seen,
+            "history": history, "seconds": spent + time.perf_counter() - started, "data_wait": data_wait})
         if stale >= cfg.early_stopping_patience:
             log.info("early stopping after %d validations without improvement", stale)
             break
-    seconds = time.perf_counter() - started
+    seconds = spent + time.perf_counter() - started
     if not best_dir.exists():
         raise RuntimeError("no validation ran; check eval_every_n_steps and the training split")
     best_model = FusionModel.from_pretrained(best_dir, device)
     val = evaluate(best_model, splits.val(0), task, cfg.num_classes, cfg.ignore_index, output_shape, device)
     test = evaluate(best_model, splits.test(0), task, cfg.num_classes, cfg.ignore_index, output_shape, device)
-    metrics = {"selection_metric": select, "best_step": best_step, "epochs_run": epoch + 1, "val": val, "test": test,
+    metrics = {"selection_metric": select, "best_step": best_step, "epochs_run": epochs_done, "val": val, "test": test,
                "train_seconds": round(seconds, 2), "parameters": parameter_count(model), "train_images_seen": seen,
                "data_wait_seconds": round(data_wait, 3)}
-    return FitResult(out_dir, metrics, history, epoch + 1, seconds)
+    return FitResult(out_dir, metrics, history, epochs_done, seconds)

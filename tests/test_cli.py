@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -70,7 +71,11 @@ def test_user_errors_are_one_line_with_exit_status_2(exp_file, tmp_path, tiny_ba
         (["--device", "gpu"], "device 'gpu' is not auto, cpu, cuda, cuda:N or mps"),
         (["--set", f"pretrained_model_name_or_path={broken}"], "vae/config.json is missing"),
         (["--cache-dir", "/proc/no/such"], "cannot create the cache folder"),
+        (["--set", "save_timesteps=[47,"], "--set 'save_timesteps=[47,': the value '[47,' is not valid YAML ("),
+        (["--set", "band_scale=-1"], "band_scale is -1; expected a number > 0"),
     ]
+    if not torch.backends.mps.is_available():
+        cases.append((["--device", "mps"], "device 'mps' was asked for but MPS (Apple silicon) is not available here"))
     for extra, message in cases:
         result = runner.invoke(app, ["extract", str(exp_file), "--split", "val", "--device", "cpu", *extra])
         assert result.exit_code == 2, (extra, result.output, result.exception)
@@ -96,6 +101,37 @@ def test_a_damaged_checkpoint_file_is_one_line(name, damage, message, exp_file, 
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.output, result.exception)
     assert result.output.startswith(f"error: {file} ") and result.output.count("\n") == 1, result.output
     assert message in result.output
+
+
+def test_outputs_and_saved_models_that_cannot_be_used_are_one_line_with_exit_status_2(exp_file, tmp_path):
+    from pipeline.model import FusionModel, ModelConfig
+
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    model = tmp_path / "model"
+    FusionModel(ModelConfig("gw", "linear", {"up_blocks_1_attn1_0": (8, 2, 2)}, ["t47"], 4, projection_dim=128)).save_pretrained(model)
+    weights = (model / "model.safetensors").read_bytes()
+    evaluate = ["evaluate", str(model), "--config", str(exp_file), "--device", "cpu"]
+    cases = [
+        (["fit", str(exp_file), "--out", str(taken), "--device", "cpu"], f"--out {taken} is an existing file"),
+        (["probe", "--cache", str(tmp_path / "cache"), "--out", str(taken)], f"--out {taken} is an existing file"),
+        (["demo", "data", "--out", str(taken)], f"--out {taken} is an existing file"),
+        (["demo", "backbone", "--out", str(taken)], f"--out {taken} is an existing file"),
+        (["demo", "backbone", "--out", str(tmp_path / "bb"), "--img-size", "-8"],
+         "img_size (--img-size) must be a positive multiple of 8 (the VAE downsamples by 8), not -8"),
+        (evaluate, lambda: (model / "model.safetensors").write_bytes(weights[: len(weights) // 2]),
+         "model.safetensors is not a readable safetensors file"),
+        (evaluate, lambda: (model / "config.json").write_text("{"), "config.json is not valid JSON"),
+        (evaluate, lambda: (model / "config.json").write_text('{"fuser": "gw"}'), "config.json is not a saved model's config (missing keys"),
+    ]
+    for case in cases:
+        args, *damage, message = case
+        for step in damage:
+            step()
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output, result.exception)
+        assert result.output.startswith("error: ") and message in result.output and result.output.count("\n") == 1, result.output
+    assert taken.read_text() == "a file" and not (tmp_path / "bb").exists()
 
 
 def test_mismatched_cache_is_refused_then_overwritten(exp_file):

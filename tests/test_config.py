@@ -79,6 +79,8 @@ def test_the_shipped_experiments_select_the_paper_layers_and_an_override_narrows
                                      "and task is classification; set rescales: [1, 1, 1, 1]"),
         ({"negative_prompt": "blurry"}, "negative_prompt 'blurry' has no effect on feature extraction"),
         ({"resize_outputs": 64}, "resize_outputs is 64; only values <= 0 (maps kept at their sizes) work"),
+        ({"band_scale": -1}, "band_scale is -1; expected a number > 0"),
+        ({"band_scale": 0}, "band_scale is 0; expected a number > 0"),
     ],
 )
 def test_bad_values_are_refused_with_key_value_and_allowed(overrides, message):

@@ -319,3 +319,37 @@ def test_a_killed_overwrite_never_leaves_a_store_that_claims_to_be_complete(writ
     assert sorted(a) == sorted(b)
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_the_dvc_stage_refuses_a_task_entry_whose_dataset_is_not_the_configs(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import yaml
+
+    from stages import extract as stage
+    from stages import run
+
+    shutil.copytree("configs", tmp_path / "configs")
+    entry = {"config": "demo_cls", "dataset": "landcover", "geobench": "classification_v1.0/demo-landcover"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tasks": [entry], "extract": {"device": "cpu", "overrides": {}}}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        run(lambda: stage.main(["--config", "configs/demo_cls_exp.yaml", "--split", "test"]))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: params.yaml tasks entry {entry}: dataset 'landcover', but configs/demo_cls_exp.yaml "
+                          "has dataset_name 'demo-landcover': the extraction would write cache/demo-landcover/test.zarr "
+                          "where dvc.yaml expects cache/landcover/test.zarr; make the entry's dataset 'demo-landcover'")
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_device_the_machine_lacks_is_refused():
+    from pipeline.config import ConfigError
+    from pipeline.extract import resolve_device
+
+    n = torch.cuda.device_count()
+    with pytest.raises(ConfigError, match=rf"^device 'cuda:{n}' was asked for but this machine has {n} CUDA device\(s\), "
+                                          rf"cuda:0 to cuda:{n - 1}; use one of them or --device auto$"):
+        resolve_device(f"cuda:{n}")
+    assert resolve_device(f"cuda:{n - 1}") == torch.device(f"cuda:{n - 1}")

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,3 +111,155 @@ def test_limited_label_trains_cached_and_live_fits_on_the_same_subset(cached_dem
     assert metrics["train_images"] == metrics["train_images_seen"] == 5 and metrics["limited_label"] == 0.25
     assert metrics["ledger"]["reference_vae_passes"] == 5 + 2 * 8 + 8
     assert json.loads((tmp_path / "metrics.json").read_text())["train_images"] == 5
+
+
+def tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def cli_fit(cfg, out):
+    """``satdifuser fit`` of ``cfg`` into ``out`` in a process of its own."""
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    import yaml
+
+    flow = lambda v: yaml.safe_dump(v, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
+    values = [f"{k}={flow(v)}" for k, v in dataclasses.asdict(cfg).items() if k != "source"]
+    args = [sys.executable, "-m", "cli", "fit", cfg.source, "--out", str(out), "--no-progress"]
+    return subprocess.Popen(args + [a for v in values for a in ("--set", v)], cwd=repo, text=True,
+                            env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def stop_after_first_epoch(proc, partial, sig):
+    import time
+
+    deadline = time.monotonic() + 300
+    while not (partial / "training_state.pt").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the fit wrote no training state"
+        time.sleep(0.02)
+    assert proc.poll() is None, "the fit finished before it could be stopped; make it slower"
+    proc.send_signal(sig)
+    return proc.communicate(timeout=120)[1]
+
+
+def test_a_killed_fit_leaves_the_old_output_and_resumes_to_equal_an_uninterrupted_fit(cached_demo, tmp_path):
+    import dataclasses
+    import signal
+
+    out, partial = tmp_path / "run", tmp_path / ".run.partial"
+    old_cfg = cached_demo(fuser="gw", max_train_epochs=1)
+    old = fit(old_cfg, out, progress=False)
+    (out / ".gitignore").write_text("/model\n/plots\n")  # as DVC leaves it, tracked by git
+    before = tree(out)
+    # A slow fit: two images per step, a validation after each, so that it is stopped in its second epoch.
+    slow = cached_demo(fuser="gw", seed=1, batch_size=2, eval_every_n_steps=1, early_stopping_patience=1000,
+                       max_train_epochs=2)
+
+    stderr = stop_after_first_epoch(cli_fit(slow, out), partial, signal.SIGINT)
+    assert (f"fit stopped (KeyboardInterrupt): nothing at {out} was changed; the partial output is in {partial} "
+            f"(resume_from: {partial} continues it)") in stderr
+    assert tree(out) == before
+    (partial / "junk").write_text("left by the stopped fit")
+    (partial / "training_state.pt").unlink()  # to see the next fit's own
+    stop_after_first_epoch(cli_fit(slow, out), partial, signal.SIGKILL)
+    assert tree(out) == before and not (partial / "junk").exists()  # the second fit cleared the first's
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.partial", "run"]
+    again = evaluate_saved(old_cfg, out / "model", "test")
+    assert again == json.loads((out / "metrics.json").read_text())["test"] == old["test"]
+
+    import torch
+
+    assert torch.load(partial / "training_state.pt", weights_only=True)["epoch"] == 1
+    resumed = fit(dataclasses.replace(slow, resume_from=str(partial)), out, progress=False)
+    whole = fit(slow, tmp_path / "whole", progress=False)
+    for key in ("val", "test", "best_step", "epochs_run", "train_images_seen", "ledger"):
+        assert resumed[key] == whole[key], key
+    new, reference = tree(out), tree(tmp_path / "whole")
+    for name in ("history.csv", "model/model.safetensors", "model/config.json", "plots/fusion.csv", "plots/confusion.csv"):
+        assert new[name] == reference[name], name
+    assert new[".gitignore"] == before[".gitignore"] and not partial.exists()
+
+
+def test_an_error_during_training_names_the_partial_output(cached_demo, tmp_path, caplog):
+    import shutil
+
+    from pipeline.cache.store import CacheError
+
+    source = cached_demo()
+    shutil.copytree(f"{source.cache_dir}/demo-landcover", tmp_path / "cache" / "demo-landcover")
+    cfg = cached_demo(fuser="gw", cache_dir=str(tmp_path / "cache"), max_train_epochs=1)
+    out = tmp_path / "run"
+    fit(cfg, out, progress=False)
+    before = tree(out)
+    shard = next((tmp_path / "cache" / "demo-landcover" / "train.zarr" / "features" / "t47").glob("*/c/0/0/0/0"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="checksum|corrupt"):
+        fit(cfg, out, progress=False)
+    stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fit stopped")]
+    assert stopped == [f"fit stopped (CacheError): nothing at {out} was changed; the partial output is in "
+                       f"{tmp_path / '.run.partial'}"]
+    assert tree(out) == before
+
+
+def test_out_that_is_a_file_is_refused_before_training(cached_demo, tmp_path):
+    from pipeline.errors import UserError
+
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(UserError, match=r"--out .*taken is an existing file; an output is a folder"):
+        fit(cached_demo(), tmp_path / "taken", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_the_dvc_stage_fits_into_its_declared_outputs(cached_demo, tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
+    from stages import fit as stage
+
+    cfg = cached_demo()
+    shutil.copytree("configs", tmp_path / "configs")
+    keys = ("geobench_dir", "pretrained_model_name_or_path", "img_size", "cache_dir", "projection_dim", "batch_size")
+    overrides = {k: getattr(cfg, k) for k in keys} | {"max_train_epochs": 1}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"fit": {"device": "cpu", "overrides": overrides}}))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "experiments" / "demo-landcover" / "gw" / "seed42"
+    out.mkdir(parents=True)
+    (out / ".gitignore").write_text("/model\n/plots\n")
+    stage.main(["--config", "configs/demo_cls_exp.yaml", "--fuser", "gw", "--seed", "42", "--out", str(out)])
+    declared = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "dvc.yaml"))["stages"]["fit"]
+    names = [next(iter(o)) if isinstance(o, dict) else o for o in declared["outs"] + declared["metrics"] + declared["plots"]]
+    for name in names:
+        assert Path(name.replace("${item.task.dataset}/${item.fuser}/seed${item.seed}", "demo-landcover/gw/seed42")).exists(), name
+    assert (out / ".gitignore").read_text() == "/model\n/plots\n"
+
+
+def test_the_dvc_stage_refuses_an_out_that_is_a_file_in_one_line(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from stages import fit as stage
+    from stages import run
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"fit": {"device": "cpu"}}))
+    (tmp_path / "taken").write_text("x")
+    config = str(Path("configs/demo_cls_exp.yaml").resolve())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        run(lambda: stage.main(["--config", config, "--fuser", "gw", "--out", "taken"]))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(f"error: --out {tmp_path / 'taken'} is an existing file") and err.count("\n") == 1
+
+
+def test_an_attn1_ablation_of_a_full_cache_trains_and_reports_the_nine_attn1_layers(cached_demo, tmp_path):
+    cfg = cached_demo(fuser="gw", max_train_epochs=1, layer_idxs={"up_blocks": {"attn1": "all"}})
+    metrics = fit(cfg, tmp_path / "attn1", progress=False)
+    nine = [f"up_blocks_{i}_attn1_{j}" for i in (1, 2, 3) for j in range(3)]
+    assert metrics["layers"] == nine and json.loads((tmp_path / "attn1" / "metrics.json").read_text())["layers"] == nine
+    assert list(FusionModel.from_pretrained(tmp_path / "attn1" / "model").config.layer_shapes) == nine

@@ -17,6 +17,9 @@ def test_report_gathers_results_and_totals_the_ledger(tmp_path):
     (fit_dir / "metrics.json").write_text(json.dumps({
         "dataset": "toy", "fuser": "gw", "seed": 42, "selection_metric": "accuracy", "test": {"accuracy": 0.75},
         "epochs_run": 3, "train_seconds": 1.5, "ledger": {"unet_passes": 0, "reference_unet_passes": 800}}))
+    stopped = tmp_path / "experiments" / "toy" / ".lw.partial"  # a fit that did not finish
+    stopped.mkdir()
+    (stopped / "metrics.json").write_text((fit_dir / "metrics.json").read_text().replace('"gw"', '"lw"'))
     probe_dir = tmp_path / "probes" / "toy"
     probe_dir.mkdir(parents=True)
     (probe_dir / "metrics.json").write_text(json.dumps({

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..outputs import output_folder
 from .loader import BackboneSpec
 
 # Stable Diffusion 2.1's UNet, as DiffusionSat fine-tuned it (sample_size 32 = 256 px / 8).
@@ -223,8 +224,10 @@ def build_demo_backbone(
     """
     if weights not in ("safetensors", "bin"):
         raise UserError(f"weights must be 'safetensors' or 'bin', not {weights!r}")
-    if img_size % 8:
-        raise UserError(f"img_size must be a multiple of 8, not {img_size}")
+    if img_size < 8 or img_size % 8:
+        raise UserError(f"img_size (--img-size) must be a positive multiple of 8 (the VAE downsamples by 8), "
+                        f"not {img_size}; e.g. 64 or 128")
+    output_folder(root)
     spec = BackboneSpec(Path(root), img_size, resolution_subfolder, unet_subfolder)
     path = spec.path
     if path.exists() and any(path.iterdir()):

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..outputs import output_folder
 
 DEMO_CLS_TASK = "classification_v1.0/demo-landcover"
 DEMO_SEG_TASK = "segmentation_v1.0/demo-landcover-seg"
@@ -274,6 +275,7 @@ def build_demo_tasks(root: Path, patch_size: int = 64, block_patches: int = 5, s
     builds. Returns the summary that is also written to ``root/demo_summary.json``.
     """
     root = Path(root)
+    output_folder(root)
     cls_dir, seg_dir = root / DEMO_CLS_TASK, root / DEMO_SEG_TASK
     for task_dir in (cls_dir, seg_dir):  # refuse before any expensive work
         _check_dir(task_dir, overwrite)
