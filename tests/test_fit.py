@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline.fit import cached_splits, evaluate_saved, fit, live_splits, open_split_caches, training_rows
+from pipeline.model import FusionModel
 from pipeline.train import feature_selection
 
 
