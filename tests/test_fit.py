@@ -204,7 +204,7 @@ def test_an_error_during_training_names_the_partial_output(cached_demo, tmp_path
     with pytest.raises(CacheError, match="checksum|corrupt"):
         fit(cfg, out, progress=False)
     stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fit stopped")]
-    assert stopped == [f"fit stopped (CacheError): nothing at {out} was changed; the partial output is in "
+    assert stopped == [f"fit stopped (DamagedData): nothing at {out} was changed; the partial output is in "
                        f"{tmp_path / '.run.partial'}"]
     assert tree(out) == before
 
