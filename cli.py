@@ -102,7 +102,7 @@ def extract(
 def fit(
     config: ConfigArg,
     fuser: Annotated[Optional[Fuser], typer.Option(help="Fuser (default: the config's).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: <exp_folder>/<dataset>/<fuser>).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: <exp_folder>/<dataset>/<fuser>/seed<seed>, as the DVC stages).")] = None,
     cache_dir: Annotated[Optional[str], typer.Option(help="Cache root holding <dataset>/<split>.zarr.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 or auto (default: the config's).")] = None,
     live: Annotated[bool, typer.Option(help="Recompute features through the backbone every batch (the reference's way; for measuring).")] = False,
@@ -118,7 +118,7 @@ def fit(
         if fuser:
             overrides["fuser"] = fuser.value
         cfg = load_config(config, overrides)
-        out = out or Path(cfg.exp_folder) / cfg.dataset_name / cfg.fuser
+        out = out or Path(cfg.exp_folder) / cfg.dataset_name / cfg.fuser / f"seed{cfg.seed}"  # as dvc.yaml lays them out
         metrics = run_fit(cfg, out, device=device, live=live, cache_dir=cache_dir, progress=progress)
     select = metrics["selection_metric"]
     typer.echo(f"{out}: val {select} {metrics['val'][select]:.4f}, test {select} {metrics['test'][select]:.4f} "

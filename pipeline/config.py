@@ -11,6 +11,7 @@ keys and bad values are refused with the file, the key, the value and what is al
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -115,7 +116,7 @@ def _metadata(v):
 
 
 def _field(default, check, ours=False):
-    kw = {"default_factory": (lambda: default)} if isinstance(default, (dict, list)) else {"default": default}
+    kw = {"default_factory": (lambda: copy.deepcopy(default))} if isinstance(default, (dict, list)) else {"default": default}
     return field(metadata={"check": check, "ours": ours}, **kw)
 
 
@@ -132,7 +133,7 @@ class Config:
     metadata: list | None = _field(None, _optional(_metadata), ours=True)
     # --- extraction (_base_/satdifuser.yaml) ---
     fuser: str = _field("gw", _choice("gw", "lw", "moe"))
-    layer_idxs: dict = _field({"up_blocks": {"attn1": "all", "conv2": "all"}}, layer_spec.check)
+    layer_idxs: dict = _field(layer_spec.DEFAULT_LAYER_IDXS, layer_spec.check)
     projection_dim: int = _field(384, _int(1))
     save_timesteps: list = _field([47, 45, 40], _unique_labels)
     num_timesteps: int = _field(50, _int(1))

@@ -175,7 +175,8 @@ class Extraction:
             if not replace_mismatched or all(d.startswith("extraction.precision") for d in err.diffs):
                 raise CacheMismatch(path, err.diffs, "pass --overwrite to rebuild it, or run on the device "
                                     "it was built with (--device, or params.yaml extract.device)") from None
-            log.warning("replacing %s, built with other settings: %s", path, "; ".join(err.diffs))
+            if mode != "r":  # said once, by the run that replaces it
+                log.warning("replacing %s, built with other settings: %s", path, "; ".join(err.diffs))
             return None
 
     def _complete(self, path: str, request: dict, replace_mismatched: bool) -> bool:
@@ -244,6 +245,10 @@ def _check_store_writable(writer: CacheWriter) -> None:
 def _mend(writer: CacheWriter, repair: bool, storage_options: dict | None) -> None:
     """Clear the done marks the store cannot back: shards lacking stored objects (a listing), and
     with ``repair`` every shard `cache verify` finds damaged; extraction then redoes them."""
+    restored = writer.restore_arrays()
+    if restored:
+        log.warning("%s lacked %d array(s) (e.g. %s); created them empty, and the shards they held are extracted "
+                    "again", writer.path, len(restored), restored[0])
     lacking = lacking_objects(writer.root, writer.plan, writer.done_shards())
     if lacking:
         first = next(iter(lacking.values()))[0]
@@ -291,7 +296,7 @@ def _write_and_count(writer: CacheWriter, shard: int, arrays: dict, work: dict, 
     loses the count); returns the seconds it took."""
     start = time.perf_counter()
     lock.check()
-    writer.write_shard(shard, arrays, work)
+    writer.write_shard(shard, arrays, work, before_done=lock.check)
     return time.perf_counter() - start
 
 

@@ -22,6 +22,7 @@ import torch
 from .cache.batches import CacheBatches, batch_order
 from .cache.reader import FeatureCache, open_cache
 from .config import Config
+from .errors import UserError
 from .model import FusionModel
 from .train import Splits, evaluate, feature_selection, model_config, train
 
@@ -30,11 +31,23 @@ log = logging.getLogger(__name__)
 # What a cache must share with the experiment for its features to be the ones asked for. The
 # latent seed is not among them: training seeds vary over one cache (its own seed is recorded).
 EXTRACTION_KEYS = ("mode", "num_timesteps", "prompt", "img_size", "latent")
+# What a fit writes into its output folder (which it replaces whole).
+FIT_OUTPUTS = {"metrics.json", "history.csv", "model", "plots", "training_state.pt"}
 
 
 def expected_request(cfg: Config, split: str) -> dict:
+    """The part of a cache's provenance that the experiment decides without the backbone or the
+    images: the extraction settings, and which samples of which task, read how."""
+    from .data.geobench_task import scaling_text, task_settings
+
     extraction = {k: getattr(cfg, {"mode": "diffusion_mode"}.get(k, k)) for k in EXTRACTION_KEYS}
-    return {"extraction": extraction, "dataset": {"name": cfg.dataset_name, "split": split}}
+    extraction["metadata"] = list(cfg.metadata) if cfg.use_metadata and cfg.metadata else None
+    dataset = {"name": cfg.dataset_name, "split": split, "partition": cfg.partition, "task": cfg.task,
+               "num_classes": cfg.num_classes}
+    task, bands, scale = task_settings(cfg)
+    dataset.update({k: v for k, v in (("geobench_task", task), ("bands", bands and list(bands)),
+                                      ("scaling", scale and scaling_text(scale))) if v})
+    return {"extraction": extraction, "dataset": dataset}
 
 
 def open_split_caches(cfg: Config) -> dict[str, FeatureCache]:
@@ -101,10 +114,11 @@ def live_splits(cfg: Config, timesteps, layers, device, shard_size: int | None =
 def fit(cfg: Config, out_dir: str | Path, device: str | None = None, live: bool = False,
         cache_dir: str | None = None, progress: bool = True) -> dict:
     from .extract import resolve_device
-    from .outputs import begin_output, output_folder, publish_output
+    from .outputs import begin_output, check_replaceable, output_folder, publish_output, remove_partial
     from .resume import STATE_NAME, load_state
 
     out_dir = output_folder(out_dir)
+    check_replaceable(out_dir, FIT_OUTPUTS)
     dev = resolve_device(device or cfg.device)
     # Tiny activations turn into subnormal floats in the backward pass, which run tens of times
     # slower on CPUs; flushing them to zero changes nothing measurable and keeps steps steady.
@@ -130,9 +144,13 @@ def fit(cfg: Config, out_dir: str | Path, device: str | None = None, live: bool 
     try:
         metrics = _train_and_write(cfg, model, splits, caches, partial, dev, live, progress, state)
     except (Exception, KeyboardInterrupt) as err:
-        resumable = (partial / STATE_NAME).is_file()
-        log.warning("fit stopped (%s): nothing at %s was changed; the partial output is in %s%s", type(err).__name__,
-                    out_dir, partial, f" (resume_from: {partial} continues it)" if resumable else "")
+        if (partial / STATE_NAME).is_file():
+            log.warning("fit stopped (%s): nothing at %s was changed; the partial output is in %s (resume_from: %s "
+                        "continues it)", type(err).__name__, out_dir, partial, partial)
+        else:  # stopped before its first epoch ended: nothing worth keeping
+            remove_partial(out_dir)
+            log.warning("fit stopped (%s) before its first epoch ended: nothing at %s was changed",
+                        type(err).__name__, out_dir)
         raise
     publish_output(partial, out_dir)
     return metrics
@@ -145,7 +163,7 @@ def _train_and_write(cfg: Config, model: FusionModel, splits: Splits, caches: di
     result = train(cfg, model, splits, out_dir, dev, progress, state)
     extraction = caches["train"].request["extraction"]
     result.metrics.update(fuser=cfg.fuser, dataset=cfg.dataset_name, seed=cfg.seed, live=live,
-                          train_images=splits.train_size, limited_label=cfg.limited_label,
+                          partition=cfg.partition, train_images=splits.train_size, limited_label=cfg.limited_label,
                           timesteps=list(model.config.timesteps), layers=list(model.config.layer_shapes),
                           backbone=caches["train"].request["backbone"]["id"],
                           latent_seed=extraction["seed"], precision=extraction["precision"])
@@ -216,6 +234,13 @@ def evaluate_saved(cfg: Config, model_dir: str | Path, split: str = "test", cach
 
     dev = resolve_device(device or cfg.device)
     model = FusionModel.from_pretrained(model_dir, dev)
+    head = "upernet" if cfg.task == "segmentation" else "linear"
+    differ = [f"{key}: model {have!r}, config {want!r}" for key, have, want in
+              (("num_classes", model.config.num_classes, cfg.num_classes), ("head", model.config.head, head))
+              if have != want]
+    if differ:
+        raise UserError(f"{model_dir} was not trained for {cfg.source} ({'; '.join(differ)}); evaluate it with the "
+                        "config it was trained with")
     if cache_dir:
         cfg = dataclasses.replace(cfg, cache_dir=cache_dir)
     cache = open_cache(cfg.cache_path(split), expect=expected_request(cfg, split))

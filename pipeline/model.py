@@ -85,7 +85,7 @@ class FusionModel(nn.Module):
         config = _read_config(folder / CONFIG_NAME)
         try:
             model = cls(config)
-        except (TypeError, ValueError, KeyError, AttributeError) as err:  # a value no model has
+        except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as err:  # a value no model has
             raise ModelError(f"{folder / CONFIG_NAME} does not describe a model that can be built "
                              f"({first_line(err)}); {REFIT}") from None
         try:

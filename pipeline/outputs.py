@@ -32,6 +32,23 @@ def output_folder(path: str | Path, flag: str = "--out") -> Path:
     return path
 
 
+def check_replaceable(out: Path, entries: set[str], flag: str = "--out") -> None:
+    """Refuse an existing ``out`` holding anything a run would not write there itself (besides DVC's
+    ``.gitignore``): the run replaces the folder whole, so ``--out .`` must not take a project."""
+    if not out.is_dir():
+        return
+    others = sorted(e.name for e in out.iterdir() if e.name not in entries | {".gitignore"})
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise UserError(f"{flag} {out} holds {shown}, which this run does not write, and the run replaces the folder "
+                        f"whole; choose a new or empty {flag}, or the output of an earlier run")
+
+
+def remove_partial(out: Path) -> None:
+    """Remove the partial folder of ``out`` (a run that stopped before writing anything worth keeping)."""
+    _remove(partial_path(out))
+
+
 def partial_path(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 
 STATE_NAME = "training_state.pt"
 FORMAT = "satdifuser-training-state/1"
-# What must equal for a state to continue this experiment (the model's architecture is checked too).
-IDENTITY = ("task", "dataset_name")
+# What must equal for a state to continue this experiment (the model's architecture is checked too):
+# the training images among them, since epochs on other images would not continue the same fit.
+IDENTITY = ("task", "dataset_name", "partition", "limited_label")
 # Settings that may change on resume (to train for more epochs, say); a change is logged.
 SETTINGS = ("lr", "op_weight_decay", "warmup_epochs", "min_lr", "batch_size", "max_train_epochs",
             "early_stopping_patience", "eval_every_n_steps", "seed", "shuffle_buffer_shards", "moe_balance_weight")
@@ -118,14 +119,14 @@ def load_state(given: str, model: FusionModel, cfg, device: torch.device) -> dic
                           f"{state.get('format') if isinstance(state, dict) else None!r}, lacking {missing}); "
                           "give the output folder of a fit or its " + STATE_NAME)
     here = {"experiment": {k: getattr(cfg, k) for k in IDENTITY}, "model": _plain(asdict(model.config))}
-    differ = (_differences(state["experiment"], here["experiment"])
+    differ = (_differences({k: state["experiment"].get(k) for k in IDENTITY}, here["experiment"])
               + _differences(state["model_config"], here["model"]))
     if differ:
         raise ResumeError(f"resume_from {path}: the state belongs to another experiment ({'; '.join(differ)}); "
                           "resume with the config it was trained with, or remove resume_from")
     changed = _differences(state["settings"], {k: getattr(cfg, k) for k in SETTINGS})
     if changed:
-        log.info("resuming with changed settings: %s", "; ".join(changed))
+        log.warning("resuming with changed settings: %s", "; ".join(changed))
     log.info("resuming %s after epoch %d (step %d)", path, state["epoch"], state["step"])
     state["path"] = path
     return state

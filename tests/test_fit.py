@@ -61,7 +61,8 @@ def test_cli_fit_and_evaluate(cached_demo, tmp_path):
                                 "--device", "cpu", *common])
     assert shown.exit_code == 0, shown.output
     assert json.loads(shown.output)["accuracy"] == json.loads((out / "metrics.json").read_text())["test"]["accuracy"]
-    bad = runner.invoke(app, ["fit", "configs/demo_cls_exp.yaml", "--device", "cpu", *common, "--set", "save_timesteps=[30]"])
+    bad = runner.invoke(app, ["fit", "configs/demo_cls_exp.yaml", "--device", "cpu", "--out", str(tmp_path / "bad"),
+                              *common, "--set", "save_timesteps=[30]"])
     assert bad.exit_code == 2 and "no timesteps ['t30']" in bad.output
 
 
@@ -204,9 +205,8 @@ def test_an_error_during_training_names_the_partial_output(cached_demo, tmp_path
     with pytest.raises(CacheError, match="checksum|corrupt"):
         fit(cfg, out, progress=False)
     stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fit stopped")]
-    assert stopped == [f"fit stopped (DamagedData): nothing at {out} was changed; the partial output is in "
-                       f"{tmp_path / '.run.partial'}"]
-    assert tree(out) == before
+    assert stopped == [f"fit stopped (DamagedData) before its first epoch ended: nothing at {out} was changed"]
+    assert tree(out) == before and not (tmp_path / ".run.partial").exists()
 
 
 def test_out_that_is_a_file_is_refused_before_training(cached_demo, tmp_path):
@@ -264,3 +264,23 @@ def test_an_attn1_ablation_of_a_full_cache_trains_and_reports_the_nine_attn1_lay
     nine = [f"up_blocks_{i}_attn1_{j}" for i in (1, 2, 3) for j in range(3)]
     assert metrics["layers"] == nine and json.loads((tmp_path / "attn1" / "metrics.json").read_text())["layers"] == nine
     assert list(FusionModel.from_pretrained(tmp_path / "attn1" / "model").config.layer_shapes) == nine
+
+
+def test_a_fit_does_not_replace_a_folder_it_did_not_write(cached_demo, tmp_path):
+    from pipeline.errors import UserError
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"--out .*project holds notes.txt, which this run does not write"):
+        fit(cached_demo(max_train_epochs=1), project, progress=False)
+    assert (project / "notes.txt").read_text() == "mine"
+
+
+def test_evaluate_refuses_a_config_the_model_was_not_trained_for(cached_demo, tmp_path):
+    from pipeline.errors import UserError
+
+    cfg = cached_demo(fuser="gw", max_train_epochs=1)
+    fit(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(UserError, match=r"run/model was not trained for .* \(head: model 'linear', config 'upernet'"):
+        evaluate_saved(cached_demo("demo_seg"), tmp_path / "run" / "model", "test")

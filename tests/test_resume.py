@@ -55,7 +55,7 @@ def saved(cached_demo, tmp_path):
     ({"fuser": "lw"}, "fuser: state 'gw', this config 'lw'"),
     ({"save_timesteps": [47, 45]}, "timesteps: state ['t47', 't45', 't40'], this config ['t47', 't45']"),
     ({"layer_idxs": {"up_blocks": {"attn1": "all", "conv2": [[3, 2]]}}}, "layers: only the state has ['up_blocks_0_conv2_0', "),
-    ({"num_classes": 5, "class_list": None}, "num_classes: state 4, this config 5"),
+    ({"limited_label": 0.5}, "limited_label: state None, this config 0.5"),
 ])
 def test_a_state_of_another_experiment_is_refused_in_one_line(saved, tmp_path, overrides, message):
     cfg, run = saved
@@ -114,7 +114,7 @@ def test_changed_training_settings_are_allowed_and_logged(saved, tmp_path, caplo
     import logging
 
     cfg, run = saved
-    caplog.set_level(logging.INFO, logger="pipeline.resume")
+    caplog.set_level(logging.WARNING, logger="pipeline.resume")
     metrics = fit(dataclasses.replace(cfg, resume_from=str(run), max_train_epochs=2), tmp_path / "more", progress=False)
     assert metrics["epochs_run"] == 2
     assert "resuming with changed settings: max_train_epochs: state 1, this config 2" in caplog.text

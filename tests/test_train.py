@@ -51,6 +51,12 @@ def test_a_subset_of_the_cache_is_selected_and_missing_timesteps_are_named(cache
 def test_caches_built_for_other_settings_are_refused(cached_demo):
     with pytest.raises(CacheError, match="extraction.prompt"):
         open_split_caches(cached_demo(prompt="A map"))
+    with pytest.raises(CacheError, match="dataset.partition: cache 'default', requested '0.50x_train'"):
+        open_split_caches(cached_demo(partition="0.50x_train"))
+    with pytest.raises(CacheError, match=r"dataset.scaling: cache 'x / 4095, .*requested 'x / 255, "):
+        open_split_caches(cached_demo(band_scale=255))
+    with pytest.raises(CacheError, match="dataset.num_classes: cache 4, requested 5"):
+        open_split_caches(cached_demo(num_classes=5))
 
 
 def test_batches_read_ahead_preload_and_shuffle_per_epoch(cached_demo):

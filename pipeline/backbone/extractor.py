@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
+from .layer_spec import DEFAULT_LAYER_IDXS
 from .layers import Layer, as_map, capture, catalog, select_layers
 from .loader import DiffusionSat
 from .schedule import Schedule, label_key
@@ -29,7 +30,6 @@ from .schedule import Schedule, label_key
 # by the earlier code are not taken for current ones.
 EXTRACTION_VERSION = 1
 LATENT_SCALE = 0.18215
-DEFAULT_LAYER_IDXS = {"up_blocks": {"attn1": "all", "conv2": "all"}}
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
 
 

@@ -14,8 +14,10 @@ order written), match index.
 A selection is resolved against a *catalogue*: for each block name and suffix, how many modules end
 in that suffix in each block (``{"up_blocks": {"attn1": [0, 3, 3, 3]}}``). The extractor builds it
 from the UNet and the cache stores it, so that a fit resolves ``all`` against what the UNet has, not
-against whatever subset a cache happens to hold. Every selector must match something: a typo or a
-pair the UNet lacks is an error, never an empty or partial selection.
+against whatever subset a cache happens to hold. Every selector that names modules must match
+them: ``all`` of a suffix no module has, or a pair the UNet lacks, is an error, never an empty or
+partial selection; ``[]`` is the one way to select none of a suffix, and a selection as a whole
+must select something.
 
 This module has no torch import: configs and caches use it without loading a model.
 """
@@ -30,6 +32,8 @@ LAYER_NAME = re.compile(r"^(?P<block>.+?)_(?P<i>\d+)_(?P<suffix>.+)_(?P<j>\d+)$"
 GRAMMAR = "a mapping like {up_blocks: {attn1: all, conv2: [[1, 0], [2, 1]]}}"
 
 Catalog = dict  # block -> suffix -> [number of matching modules in block 0, 1, ...]
+# SatDiFuser's 21 decoder layers: every attn1 and conv2 of the UNet's up_blocks.
+DEFAULT_LAYER_IDXS = {"up_blocks": {"attn1": "all", "conv2": "all"}}
 
 
 class LayerSpecError(UserError):

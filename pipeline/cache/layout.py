@@ -26,6 +26,8 @@ import zarr.codecs as zc
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "satdifuser"
+# Set in a store's root attributes, instead of the provenance, while it is created or replaced.
+CREATING_KEY = "satdifuser_creating"
 
 # Lossless codecs on inner chunks; crc32c lets `cache verify` catch corrupted bytes.
 CODECS = {
@@ -163,3 +165,8 @@ def array_specs(plan: CachePlan) -> list[ArraySpec]:
     specs.append(ArraySpec("sample_names", (n,), (s,), None, "str", "sample names"))
     specs.append(ArraySpec("done", (n,), (s,), None, "bool", "shards written in full"))
     return specs
+
+
+def object_key(array, shard: int) -> str:
+    """The store key of the object (shard file or chunk) that holds shard ``shard``'s rows."""
+    return f"{array.path}/{array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))}"

@@ -24,6 +24,7 @@ import os
 import socket
 import threading
 import time
+import urllib.parse
 import uuid
 
 from .store import CacheError, is_url
@@ -58,7 +59,9 @@ class WriterLock:
         self.path, self.wait = str(path), wait
         self.stale_seconds, self.settle = stale_seconds, settle
         self.holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now(), "token": uuid.uuid4().hex}
-        self._remote = _RemoteClaim(self, storage_options) if is_url(path) else None
+        # A file:// URL is a local path: it must take the same flock as the plain path does.
+        self._local = urllib.parse.urlparse(self.path).path if self.path.startswith("file://") else self.path
+        self._remote = _RemoteClaim(self, storage_options) if is_url(self._local) else None
         self._fd: int | None = None
 
     def __enter__(self) -> "WriterLock":
@@ -73,7 +76,7 @@ class WriterLock:
             self._remote.release()
         elif self._fd is not None:
             try:
-                os.unlink(lock_path(self.path))  # before unlocking: a waiter then locks a fresh file
+                os.unlink(lock_path(self._local))  # before unlocking: a waiter then locks a fresh file
             except FileNotFoundError:
                 pass
             os.close(self._fd)
@@ -86,7 +89,7 @@ class WriterLock:
 
     # --- local: flock --------------------------------------------------------------------------
     def _acquire_local(self) -> None:
-        name = lock_path(self.path)
+        name = lock_path(self._local)
         while True:
             try:
                 fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o644)
@@ -141,17 +144,21 @@ class _RemoteClaim:
 
     def _read(self) -> dict | None:
         try:
-            return json.loads(self.fs.cat_file(self.key))
+            claim = json.loads(self.fs.cat_file(self.key))
         except FileNotFoundError:
             return None
         except ValueError:
-            return {}  # unreadable: treat as stale
+            return {}  # unreadable: someone's, of unknown age
+        return claim if isinstance(claim, dict) else {}
 
     def _write(self) -> None:
         self.fs.pipe_file(self.key, json.dumps({**self.lock.holder, "heartbeat": time.time()}).encode())
 
     def _stale(self, claim: dict) -> bool:
-        return time.time() - float(claim.get("heartbeat", 0)) > self.lock.stale_seconds
+        """A claim not renewed for ``stale_seconds``; one with no heartbeat (an unreadable object, or
+        the lock file of a local writer) counts as live: taking it over could make two writers."""
+        beat = claim.get("heartbeat")
+        return isinstance(beat, (int, float)) and time.time() - beat > self.lock.stale_seconds
 
     def acquire(self) -> None:
         token = self.lock.holder["token"]
@@ -159,9 +166,11 @@ class _RemoteClaim:
             claim = self._read()
             if claim and claim.get("token") != token and not self._stale(claim):
                 if not self.lock.wait:
+                    beat = claim.get("heartbeat")
+                    renewed = (f"was renewed {time.time() - beat:.0f} s ago" if isinstance(beat, (int, float))
+                               else "has no heartbeat: remove it if no extraction is running")
                     raise CacheLocked(f"cache {self.lock.path} is being written by another extraction "
-                                      f"({_describe(claim)}; its claim {self.key} was renewed "
-                                      f"{time.time() - float(claim['heartbeat']):.0f} s ago); let it finish, or pass "
+                                      f"({_describe(claim)}; its claim {self.key} {renewed}); let it finish, or pass "
                                       "--wait to start when it does")
                 time.sleep(min(5.0, self.lock.stale_seconds / 4))
                 continue
@@ -178,11 +187,15 @@ class _RemoteClaim:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.lock.stale_seconds / 4):
-            claim = self._read()
-            if not claim or claim.get("token") != self.lock.holder["token"]:
-                self.lost = claim or {}
+            try:
+                claim = self._read()
+                if not claim or claim.get("token") != self.lock.holder["token"]:
+                    self.lost = claim or {}
+                    return
+                self._write()
+            except Exception as err:  # a claim that cannot be renewed will be taken over: stop writing
+                self.lost = {"host": f"unknown (the claim could not be renewed: {type(err).__name__})"}
                 return
-            self._write()
 
     def check(self) -> None:
         if self.lost is None:

@@ -11,10 +11,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .layout import ATTRS_KEY, FORMAT_VERSION, CachePlan, array_specs, feature_path, pooled_path, trajectory_path
+from .layout import (
+    ATTRS_KEY, CREATING_KEY, FORMAT_VERSION, CachePlan, array_specs, feature_path, object_key, pooled_path,
+    trajectory_path,
+)
 from .shards import ShardReader
 from .store import CacheError, CacheMismatch, ChunkPresence, DamagedData, differences, open_root
-from .writer import CREATING_KEY, object_key
 
 # Feature maps of one batch are read an array per thread: file reads and blosc/zstd decoding
 # release the GIL, so this scales with cores when maps are large. Below PARALLEL_BYTES per array
@@ -217,7 +219,7 @@ class FeatureCache:
 
     def _unreadable(self, name: str, array, idx: np.ndarray) -> DamagedData:
         """The error for a read that failed, naming the first shard that fails on its own."""
-        per_file = (array.shards or array.chunks)[0]
+        per_file = self.specs[name].rows_per_file
         for shard in np.unique(idx // per_file).tolist():
             rows = (shard * per_file, min((shard + 1) * per_file, len(self)))
             try:
@@ -230,7 +232,7 @@ class FeatureCache:
         """Raise naming the array and rows when an object holding rows ``idx`` is not in the store:
         zarr would return its fill value instead."""
         array = self.array(name)
-        per_file = (array.shards or array.chunks)[0]
+        per_file = self.specs[name].rows_per_file
         for shard in np.unique(idx // per_file).tolist():
             if (name, shard) in self._present:
                 continue

@@ -87,31 +87,45 @@ def open_root(path: str, mode: str, storage_options: dict | None = None):
 class ChunkPresence:
     """Which stored objects (shard files, chunks) a store holds, asked one key at a time.
 
-    A Zarr read of a missing chunk returns the fill value, so a deleted shard file would read as
-    zeros; readers ask here first. A local store is asked with one ``stat`` per key; any other
-    store is listed once, which costs a few requests where a check per key would cost one each.
+    A Zarr read of a missing chunk, or of an empty shard file, returns the fill value, so a deleted
+    or emptied shard would read as zeros; readers ask here first, and an object of 0 bytes counts
+    as missing. A local store is asked with one ``stat`` per key; an fsspec store is listed once
+    with sizes, which costs a few requests where a check per key would cost one each.
     """
 
     def __init__(self, store):
-        from zarr.storage import LocalStore
+        from zarr.storage import FsspecStore, LocalStore
 
         self.store = store
         self.local_root = str(store.root) if isinstance(store, LocalStore) else None
-        self._keys: set[str] | None = None
+        self._fsspec = isinstance(store, FsspecStore)
+        self._sizes: dict[str, int] | None = None
 
     def has(self, key: str) -> bool:
         if self.local_root is not None:
-            return os.path.isfile(os.path.join(self.local_root, key))
-        if self._keys is None:
-            self._keys = set(_list_keys(self.store))
-        return key in self._keys
+            try:
+                return os.stat(os.path.join(self.local_root, key)).st_size > 0
+            except FileNotFoundError:
+                return False
+        if self._sizes is None:
+            self._sizes = _object_sizes(self.store, self._fsspec)
+        return self._sizes.get(key, 0) > 0
 
 
-def _list_keys(store) -> list[str]:
+def _object_sizes(store, fsspec_store: bool) -> dict[str, int]:
+    """Every key of a store with its size in bytes."""
     from zarr.core.sync import sync
 
+    if fsspec_store:  # one listing with sizes; the store's filesystem is an asynchronous one
+        root = store.path.rstrip("/")
+
+        async def listing():
+            return await store.fs._find(root, detail=True)
+
+        return {name[len(root) + 1:]: int(info.get("size") or 0) for name, info in sync(listing()).items()}
+
     async def collect():
-        return [key async for key in store.list()]
+        return {key: await store.getsize(key) async for key in store.list()}
 
     return sync(collect())
 

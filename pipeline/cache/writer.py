@@ -14,13 +14,10 @@ import logging
 
 import numpy as np
 
-from .layout import ATTRS_KEY, FORMAT_VERSION, CachePlan, array_specs, compressors
+from .layout import ATTRS_KEY, CREATING_KEY, FORMAT_VERSION, ArraySpec, CachePlan, array_specs, compressors, object_key
 from .store import CacheError, CacheMismatch, ChunkPresence, differences, normalise, open_root, path_exists, remove
 
 log = logging.getLogger(__name__)
-
-CREATING_KEY = "satdifuser_creating"
-
 
 def _not_a_cache(path: str) -> CacheError:
     return CacheError(f"{path} exists but is not a feature cache; move it away or pass --overwrite")
@@ -106,19 +103,37 @@ class CacheWriter:
     def done_shards(self) -> list[int]:
         return [s for s in range(self.plan.num_shards) if self._shard_done(s)]
 
+    def restore_arrays(self) -> list[str]:
+        """Create, empty, the arrays of the layout the store lacks (deleted by hand, say), so that the
+        shards they were part of count as lacking objects and are extracted again; refuse an array
+        whose shape or type differs from the plan's. Returns the names created."""
+        created = []
+        for spec in array_specs(self.plan):
+            try:
+                array = self.root[spec.name]
+            except KeyError:
+                _create_array(self.root, spec, self.plan.codec)
+                created.append(spec.name)
+                continue
+            if tuple(array.shape) != spec.shape or (spec.dtype != "str" and str(array.dtype) != spec.dtype):
+                raise CacheError(f"cache {self.path}: array {spec.name} is {array.dtype} {tuple(array.shape)}, its "
+                                 f"attributes say {spec.dtype} {spec.shape}; rebuild it with --overwrite")
+        return created
+
     def clear_done(self, shards) -> None:
         """Mark shards as not done, so the next extraction writes them again."""
         for shard in shards:
             self.root["done"][slice(*self.plan.shard_range(shard))] = False
 
     # --- writing -----------------------------------------------------------------------------
-    def write_shard(self, shard: int, arrays: dict[str, np.ndarray], work: dict | None = None) -> None:
+    def write_shard(self, shard: int, arrays: dict[str, np.ndarray], work: dict | None = None,
+                    before_done=None) -> None:
         """Write every array of one shard, add ``work`` to the ledger, then mark the shard done.
 
         ``arrays`` maps store paths (``features/t47/up_blocks_1_attn1_0``, ``latents``, ...) to the
         shard's rows; all must be present so a shard is never marked done half-written. The ledger
         is updated before the mark, so a kill in between counts the work twice (it is redone), never
-        not at all.
+        not at all. ``before_done`` is called just before the mark (the writer's claim check).
         """
         start, stop = self.plan.shard_range(shard)
         missing = sorted(set(self.array_paths()) - set(arrays))
@@ -134,6 +149,8 @@ class CacheWriter:
             for key, value in work.items():
                 ledger[key] = round(ledger.get(key, 0) + value, 3)
             self.update_info(ledger=ledger)
+        if before_done is not None:
+            before_done()
         self.root["done"][start:stop] = True
 
     def array_paths(self) -> list[str]:
@@ -144,11 +161,6 @@ class CacheWriter:
         attrs = dict(self.root.attrs[ATTRS_KEY])
         attrs.update(normalise(values))
         self.root.attrs[ATTRS_KEY] = attrs
-
-
-def object_key(array, shard: int) -> str:
-    """The store key of the object (shard file or chunk) that holds shard ``shard``'s rows."""
-    return f"{array.path}/{array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))}"
 
 
 def lacking_objects(root, plan: CachePlan, shards: list[int]) -> dict[int, list[str]]:
@@ -194,8 +206,11 @@ def _emptied(path: str, storage_options: dict | None):
 
 
 def _create_arrays(root, plan: CachePlan) -> None:
-    codecs = compressors(plan.codec)
     for spec in array_specs(plan):
-        extra = {"fill_value": False} if spec.name == "done" else {}
-        root.create_array(spec.name, shape=spec.shape, chunks=spec.chunks, shards=spec.shards, dtype=spec.dtype,
-                          compressors=codecs, attributes={"description": spec.description}, **extra)
+        _create_array(root, spec, plan.codec)
+
+
+def _create_array(root, spec: ArraySpec, codec: str) -> None:
+    extra = {"fill_value": False} if spec.name == "done" else {}
+    root.create_array(spec.name, shape=spec.shape, chunks=spec.chunks, shards=spec.shards, dtype=spec.dtype,
+                      compressors=compressors(codec), attributes={"description": spec.description}, **extra)

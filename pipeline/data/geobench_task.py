@@ -58,10 +58,7 @@ class TaskSource:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "TaskSource":
-        known = KNOWN_TASKS.get(cfg.dataset_name)
-        task = cfg.geobench_task or (known and known.geobench_task)
-        bands = cfg.bands or (known and known.bands)
-        scale = cfg.band_scale if cfg.band_scale is not None else (known and known.band_scale)
+        task, bands, scale = task_settings(cfg)
         missing = [k for k, v in (("geobench_task", task), ("bands", bands), ("band_scale", scale)) if not v]
         if missing:
             raise ConfigError(
@@ -76,6 +73,21 @@ class TaskSource:
     @property
     def task_dir(self) -> Path:
         return Path(self.root) / self.geobench_task
+
+
+def task_settings(cfg: Config) -> tuple:
+    """(GEO-Bench task folder, bands, band_scale) from the config, else the known-task table; None
+    for what neither sets."""
+    known = KNOWN_TASKS.get(cfg.dataset_name)
+    task = cfg.geobench_task or (known and known.geobench_task) or None
+    bands = cfg.bands or (known and known.bands) or None
+    scale = cfg.band_scale if cfg.band_scale is not None else (known and known.band_scale) or None
+    return task, bands, scale
+
+
+def scaling_text(band_scale: float) -> str:
+    """How images become model input, as a cache's provenance records it."""
+    return f"x / {float(band_scale):g}, clip [0, 1], bilinear antialiased resize, (x - 0.5) / 0.5"
 
 
 def to_model_input(rgb: np.ndarray, band_scale: float, img_size: int) -> torch.Tensor:
@@ -172,7 +184,7 @@ class GeoBenchSplit(Dataset):
             "sample_names_sha256": names_hash,
             "content_sha256": self.content_hash(),
             "bands": list(self.source.bands),
-            "scaling": f"x / {self.source.band_scale:g}, clip [0, 1], bilinear antialiased resize, (x - 0.5) / 0.5",
+            "scaling": scaling_text(self.source.band_scale),
             "img_size": self.source.img_size,
             "num_classes": self.source.num_classes,
         }

@@ -255,3 +255,14 @@ def test_crafted_attributes_are_refused_with_one_line(tmp_path, change, message)
 def test_an_unknown_protocol_is_named_not_taken_for_a_missing_cache():
     with pytest.raises(CacheError, match="cache location nosuch://bucket/c.zarr: unknown protocol 'nosuch'"):
         open_cache("nosuch://bucket/c.zarr")
+
+
+@pytest.mark.parametrize("as_url", [False, True])
+def test_an_emptied_shard_file_is_missing_data_not_zeros(tmp_path, as_url):
+    root = tmp_path / "c.zarr"
+    build(root)
+    _shard_file(root).write_bytes(b"")  # e.g. a copy that stopped before writing anything
+    path = root.as_uri() if as_url else str(root)
+    with pytest.raises(CacheError, match=r"array features/t47/up_blocks_3_conv2_2, rows 4-7: "):
+        open_cache(path).features([5], ["t47"], ["up_blocks_3_conv2_2"])
+    assert "missing: features/t47/up_blocks_3_conv2_2/c/1/0/0/0" in verify_cache(open_cache(path))[0]

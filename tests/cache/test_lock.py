@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cache.lock import CacheLocked, WriterLock, lock_path
+from pipeline.cache.store import CacheError
 
 HOLD = """
 import sys, time
@@ -71,7 +72,7 @@ def test_a_folder_that_cannot_be_written_is_named(tmp_path, read_only):
     folder = tmp_path / "ro"
     folder.mkdir()
     with read_only(folder):
-        with pytest.raises(Exception, match=r"cannot write beside the cache .*train.zarr .*extract into a writable"):
+        with pytest.raises(CacheError, match=r"cannot write beside the cache .*train.zarr .*extract into a writable"):
             with WriterLock(str(folder / "train.zarr")):
                 pass
 
@@ -94,3 +95,15 @@ def test_two_extractions_with_one_config_do_the_work_once(write_exp, tmp_path):
     assert first.returncode == 0, err
     assert "20 extracted" in out and second.extracted == 0
     assert open_cache(path).attrs["ledger"]["images_extracted"] == 20
+
+
+def test_a_file_url_takes_the_same_lock_as_the_plain_path(tmp_path):
+    path = tmp_path / "train.zarr"
+    first = holder(path, 60)
+    try:
+        with pytest.raises(CacheLocked, match=f"pid {first.pid} on "):
+            with WriterLock(path.as_uri()):
+                pass
+    finally:
+        first.kill()
+        first.wait()
