@@ -149,8 +149,9 @@ def fit(cfg: Config, out_dir: str | Path, device: str | None = None, live: bool 
                         "continues it)", type(err).__name__, out_dir, partial, partial)
         else:  # stopped before its first epoch ended: nothing worth keeping
             remove_partial(out_dir)
-            log.warning("fit stopped (%s) before its first epoch ended: nothing at %s was changed",
-                        type(err).__name__, out_dir)
+            if not isinstance(err, UserError):  # a user error is reported in its own one line
+                log.warning("fit stopped (%s) before its first epoch ended: nothing at %s was changed",
+                            type(err).__name__, out_dir)
         raise
     publish_output(partial, out_dir)
     return metrics
