@@ -263,8 +263,6 @@ def test_a_complete_cache_on_read_only_media_is_read_and_left_alone(make_config,
 
 
 def test_a_read_only_cache_with_work_left_is_refused_before_computing(make_config, read_only):
-    from pathlib import Path
-
     cfg = make_config(layer_idxs=FEW)
     path = extract_split(cfg, "train", progress=False).path
     CacheWriter.reopen(path, open_cache(path).request).clear_done([1])

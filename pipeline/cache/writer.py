@@ -10,14 +10,12 @@ store that resumes (or starts afresh), never one that claims data it does not ho
 from __future__ import annotations
 
 import datetime as dt
-import logging
 
 import numpy as np
 
 from .layout import ATTRS_KEY, CREATING_KEY, FORMAT_VERSION, ArraySpec, CachePlan, array_specs, compressors, object_key
 from .store import CacheError, CacheMismatch, ChunkPresence, differences, normalise, open_root, path_exists, remove
 
-log = logging.getLogger(__name__)
 
 def _not_a_cache(path: str) -> CacheError:
     return CacheError(f"{path} exists but is not a feature cache; move it away or pass --overwrite")

@@ -47,7 +47,7 @@ def test_a_second_writer_is_refused_with_the_first_named(tmp_path):
 def test_wait_starts_when_the_first_writer_is_done(tmp_path):
     path = tmp_path / "train.zarr"
     first = holder(path, 1.5)
-    with WriterLock(str(path), wait=True) as lock:
+    with WriterLock(str(path), wait=True):
         acquired = time.time()
         assert Path(lock_path(str(path))).read_text().count(f'"pid": {os.getpid()}') == 1
     released = float(first.communicate()[0])
