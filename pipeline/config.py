@@ -115,6 +115,20 @@ def _metadata(v):
         return "a list of numbers in [0, 1000] (DiffusionSat's normalised metadata)"
 
 
+def _tiers(v):
+    from .cache.layout import tiers_problem
+
+    if tiers_problem(v):
+        return "a non-empty list of distinct tiers from maps, pooled, trajectory"
+
+
+def _map_encoding(v):
+    from .cache.layout import map_encoding_problem
+
+    if map_encoding_problem(v):
+        return "float16 (exact), bitround-K (K = 1..9 mantissa bits kept) or uint8"
+
+
 def _field(default, check, ours=False):
     kw = {"default_factory": (lambda: copy.deepcopy(default))} if isinstance(default, (dict, list)) else {"default": default}
     return field(metadata={"check": check, "ours": ours}, **kw)
@@ -191,8 +205,14 @@ class Config:
     shuffle_buffer_shards: int = _field(0, _int(0), ours=True)
     shard_size: int = _field(64, _int(1), ours=True)
     codec: str = _field("blosc-lz4", _choice("blosc-lz4", "blosc-zstd", "zstd", "none"), ours=True)
+    # What extraction stores (cache.layout.TIERS) and how it encodes the maps.
+    store: list = _field(["maps", "pooled", "trajectory"], _tiers, ours=True)
+    map_encoding: str = _field("float16", _map_encoding, ours=True)
+    # Where a fit takes its features: the stored maps, maps recomputed from the stored trajectory,
+    # or the images through the whole backbone; None: maps when the cache holds them, else trajectory.
+    source: str | None = _field(None, _optional(_choice("maps", "trajectory", "live")), ours=True)
     # Where this config was read from; set by load_config.
-    source: str = field(default="<defaults>", metadata={"internal": True})
+    config_file: str = field(default="<defaults>", metadata={"internal": True})
 
     def cache_path(self, split: str) -> str:
         """``<cache_dir>/<dataset_name>/<split>.zarr``, or a URL when cache_dir is one."""
@@ -203,7 +223,7 @@ def _check_consistency(cfg: Config, origin: dict) -> None:
     """Rules across keys; each error names the file that set the key at fault."""
 
     def fail(key: str, text: str):
-        raise ConfigError(f"{origin.get(key, cfg.source)}: {text}")
+        raise ConfigError(f"{origin.get(key, cfg.config_file)}: {text}")
 
     if not cfg.dataset_name:
         fail("dataset_name", "dataset_name is empty; set it in the task file (e.g. tasks/meurosat.yaml)")
@@ -285,7 +305,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
     values.update(overrides or {})
     origin.update({key: "--set override" for key in overrides or {}})
     _validate(values, origin)
-    cfg = Config(**values, source=str(path))
+    cfg = Config(**values, config_file=str(path))
     _check_consistency(cfg, origin)
     return cfg
 
@@ -300,6 +320,6 @@ def geobench_root(cfg: Config) -> Path:
     root = cfg.geobench_dir or os.environ.get("GEO_BENCH_DIR")
     if not root:
         raise ConfigError(
-            f"{cfg.source}: no GEO-Bench folder; set geobench_dir in the config or the GEO_BENCH_DIR variable"
+            f"{cfg.config_file}: no GEO-Bench folder; set geobench_dir in the config or the GEO_BENCH_DIR variable"
         )
     return Path(root)

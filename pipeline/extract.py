@@ -148,7 +148,7 @@ class Extraction:
         check_location(path, writing=True)
         dataset = GeoBenchSplit(self.source, split)
         if len(dataset) == 0:
-            raise ConfigError(f"{cfg.source}: split {split!r} of {cfg.dataset_name} has no samples")
+            raise ConfigError(f"{cfg.config_file}: split {split!r} of {cfg.dataset_name} has no samples")
         request = self.request(dataset)
         if not (overwrite or repair) and self._complete(path, request, replace_mismatched):
             log.info("cache %s is complete; nothing to extract", path)

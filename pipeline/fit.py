@@ -240,7 +240,7 @@ def evaluate_saved(cfg: Config, model_dir: str | Path, split: str = "test", cach
               (("num_classes", model.config.num_classes, cfg.num_classes), ("head", model.config.head, head))
               if have != want]
     if differ:
-        raise UserError(f"{model_dir} was not trained for {cfg.source} ({'; '.join(differ)}); evaluate it with the "
+        raise UserError(f"{model_dir} was not trained for {cfg.config_file} ({'; '.join(differ)}); evaluate it with the "
                         "config it was trained with")
     if cache_dir:
         cfg = dataclasses.replace(cfg, cache_dir=cache_dir)

@@ -96,7 +96,7 @@ def scale_factors(cfg: Config, layer_shapes: dict) -> list:
     if all(f == 1 for f in cfg.rescales):
         return [1] * len(widths)
     if len(cfg.rescales) != len(widths):
-        raise ConfigError(f"{cfg.source}: rescales {cfg.rescales} has {len(cfg.rescales)} factors but the selected "
+        raise ConfigError(f"{cfg.config_file}: rescales {cfg.rescales} has {len(cfg.rescales)} factors but the selected "
                           f"layers make {len(widths)} scales (widths {widths}); give one factor per scale, widest first")
     return list(cfg.rescales)
 

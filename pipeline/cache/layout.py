@@ -4,13 +4,18 @@
 
     <split>.zarr/
       attrs["satdifuser"]      provenance (format, backbone fingerprint, extraction, dataset)
-      features/<tNN>/<layer>   (N, C, H, W) float16, one chunk per image, sharded along N
-      pooled/<tNN>/<layer>     (N, C) float32, spatial mean
-      trajectory/<tNN>         (N, 4, h, w) float32, the UNet input x_t of that label's pass
-      latents                  (N, 4, h, w) float32
+      features/<tNN>/<layer>   (N, C, H, W) float16, one chunk per image, sharded along N  [maps]
+                               (uint8 under map_encoding uint8: x = offset + scale * q)
+      feature_scales/<tNN>/<layer>  (N, C, 2) float32 (offset, scale) per image and channel [maps, uint8]
+      pooled/<tNN>/<layer>     (N, C) float32, spatial mean                               [pooled]
+      trajectory/<tNN>         (N, 4, h, w) float32, the UNet input x_t of that label's pass [trajectory]
+      latents                  (N, 4, h, w) float32                                       [trajectory]
       labels                   (N,) int64 | (N, K) uint8 | (N, H, W) uint8
       sample_names             (N,) str
       done                     (N,) bool, written last for each shard
+
+A cache holds the arrays of the tiers its plan names (``TIERS``; all three by default), and always
+labels, sample names and done marks.
 
 A unit of work is one shard of ``shard_size`` images; every array is chunked so that a unit
 touches whole shards only, and ``done`` has one chunk per unit, so marking it is one atomic
@@ -19,6 +24,7 @@ write.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import zarr.codecs as zc
@@ -44,8 +50,43 @@ def compressors(name: str) -> list:
     return CODECS[name]() + [zc.Crc32cCodec()]
 
 
+# What a cache can hold, chosen at extraction (config key ``store``).
+TIERS = ("maps", "pooled", "trajectory")
+# How feature maps are stored (config key ``map_encoding``): exact float16; float16 with only the
+# K leading mantissa bits kept (the rest zeroed, so the lossless codec packs them); or uint8 with
+# a per-image, per-channel affine (offset, scale) in ``feature_scales``. All are plain Zarr dtypes.
+BITROUND = re.compile(r"^bitround-(\d+)$")
+EXACT_ENCODING = "float16"
+
+
+def map_encoding_problem(name) -> str | None:
+    """Why ``name`` is not a map encoding, or None when it is one."""
+    if name in (EXACT_ENCODING, "uint8"):
+        return None
+    match = BITROUND.match(str(name))
+    if match and 1 <= int(match.group(1)) <= 9:
+        return None
+    return f"map_encoding {name!r} is not float16 (exact), bitround-K (K = 1..9 mantissa bits kept) or uint8"
+
+
+def tiers_problem(tiers) -> str | None:
+    """Why ``tiers`` is not a list of tiers, or None when it is one."""
+    if not isinstance(tiers, (list, tuple)) or not tiers or any(t not in TIERS for t in tiers) \
+            or len(set(tiers)) != len(tiers):
+        return f"store {tiers!r} is not a non-empty list of distinct tiers from {list(TIERS)}"
+    return None
+
+
+def ordered_tiers(tiers) -> tuple[str, ...]:
+    return tuple(t for t in TIERS if t in tiers)
+
+
 def feature_path(label_key: str, layer: str) -> str:
     return f"features/{label_key}/{layer}"
+
+
+def feature_scale_path(label_key: str, layer: str) -> str:
+    return f"feature_scales/{label_key}/{layer}"
 
 
 def pooled_path(label_key: str, layer: str) -> str:
@@ -68,6 +109,11 @@ class CachePlan:
     label_shape: tuple[int, ...]  # per sample: () | (K,) | (H, W)
     label_dtype: str
     codec: str = "blosc-lz4"
+    tiers: tuple[str, ...] = TIERS
+    map_encoding: str = EXACT_ENCODING
+
+    def holds(self, tier: str) -> bool:
+        return tier in self.tiers
 
     @property
     def num_shards(self) -> int:
@@ -87,6 +133,8 @@ class CachePlan:
             "label_shape": list(self.label_shape),
             "label_dtype": self.label_dtype,
             "codec": self.codec,
+            "tiers": list(self.tiers),
+            "map_encoding": self.map_encoding,
         }
 
     @classmethod
@@ -99,6 +147,8 @@ class CachePlan:
                 attrs["num_samples"], attrs["shard_size"], tuple(attrs["timesteps"]),
                 {k: tuple(v) for k, v in attrs["layer_shapes"].items()}, tuple(attrs["latent_shape"]),
                 tuple(attrs["label_shape"]), attrs["label_dtype"], attrs["codec"],
+                # Caches written before tiers existed hold all three, exactly.
+                tuple(attrs.get("tiers", TIERS)), attrs.get("map_encoding", EXACT_ENCODING),
             )
         except KeyError as err:
             raise ValueError(f"its plan lacks {err.args[0]!r}") from None
@@ -121,6 +171,8 @@ class CachePlan:
             ("label_shape", sizes(self.label_shape) and len(self.label_shape) <= 2),
             ("label_dtype", self.label_dtype in ("int64", "uint8", "int32", "int16", "bool")),
             ("codec", self.codec in CODECS),
+            ("tiers", tiers_problem(self.tiers) is None and self.tiers == ordered_tiers(self.tiers)),
+            ("map_encoding", map_encoding_problem(self.map_encoding) is None),
         ]
         for key, ok in checks:
             if not ok:
@@ -152,15 +204,25 @@ def array_specs(plan: CachePlan) -> list[ArraySpec]:
         return ArraySpec(name, (n, *shape), (s, *shape), None, dtype, what)
 
     specs = []
+    maps, uint8 = plan.holds("maps"), plan.map_encoding == "uint8"
     for t in plan.timesteps:
         for layer, shape in plan.layer_shapes.items():
-            # One chunk per image so a batch reads only its images; shards keep file counts low.
-            specs.append(ArraySpec(feature_path(t, layer), (n, *shape), (1, *shape), (s, *shape), "float16",
-                                   f"feature maps of {layer} at label {t}"))
-            specs.append(per_shard(pooled_path(t, layer), (shape[0],), "float32",
-                                   f"spatial means of {layer} at label {t}"))
-        specs.append(per_shard(trajectory_path(t), plan.latent_shape, "float32", f"UNet input x_t of label {t}"))
-    specs.append(per_shard("latents", plan.latent_shape, "float32", "VAE latents, scaled"))
+            if maps:
+                # One chunk per image so a batch reads only its images; shards keep file counts low.
+                specs.append(ArraySpec(feature_path(t, layer), (n, *shape), (1, *shape), (s, *shape),
+                                       "uint8" if uint8 else "float16",
+                                       f"feature maps of {layer} at label {t}" + ("" if plan.map_encoding == EXACT_ENCODING
+                                       else f", {plan.map_encoding}")))
+            if maps and uint8:
+                specs.append(per_shard(feature_scale_path(t, layer), (shape[0], 2), "float32",
+                                       f"(offset, scale) per channel of features/{t}/{layer}: x = offset + scale * q"))
+            if plan.holds("pooled"):
+                specs.append(per_shard(pooled_path(t, layer), (shape[0],), "float32",
+                                       f"spatial means of {layer} at label {t}"))
+        if plan.holds("trajectory"):
+            specs.append(per_shard(trajectory_path(t), plan.latent_shape, "float32", f"UNet input x_t of label {t}"))
+    if plan.holds("trajectory"):
+        specs.append(per_shard("latents", plan.latent_shape, "float32", "VAE latents, scaled"))
     specs.append(per_shard("labels", plan.label_shape, plan.label_dtype, "labels"))
     specs.append(ArraySpec("sample_names", (n,), (s,), None, "str", "sample names"))
     specs.append(ArraySpec("done", (n,), (s,), None, "bool", "shards written in full"))

@@ -165,6 +165,27 @@ class FeatureCache:
         return names
 
     @property
+    def tiers(self) -> tuple[str, ...]:
+        """The tiers this cache holds (``layout.TIERS``)."""
+        return self.plan.tiers
+
+    @property
+    def map_encoding(self) -> str:
+        return self.plan.map_encoding
+
+    def require(self, tier: str, purpose: str) -> None:
+        """Raise one line naming the tiers held and the command that adds ``tier`` when it is lacking."""
+        if self.plan.holds(tier):
+            return
+        if tier in ("maps", "pooled") and self.plan.holds("trajectory"):
+            fix = f"add it from the stored trajectory with `satdifuser extract CONFIG --from-trajectory --store {tier}`"
+        else:
+            wanted = ",".join(t for t in ("maps", "pooled", "trajectory") if t in self.tiers or t == tier)
+            fix = f"re-extract with `satdifuser extract CONFIG --overwrite --store {wanted}`"
+        raise CacheError(f"cache {self.path} holds the tiers {list(self.tiers)}, not {tier}, which {purpose} needs; "
+                         f"{fix}")
+
+    @property
     def layer_catalog(self) -> dict | None:
         """What the UNet has for the blocks and suffixes of the extraction's ``layer_idxs``
         (``layer_spec``); None for caches written before it was stored."""
@@ -258,6 +279,7 @@ class FeatureCache:
 
     def features(self, indices, timesteps=None, layers=None) -> dict[str, dict[str, torch.Tensor]]:
         """``{timestep: {layer: (B, C, H, W) float16 tensor}}``; unselected arrays are not read."""
+        self.require("maps", "reading feature maps")
         timesteps, layers = self._select(timesteps, layers)
         keys = [(t, l) for t in timesteps for l in layers]
         idx = self._checked(indices)
@@ -268,15 +290,18 @@ class FeatureCache:
         return {t: {l: maps[t, l] for l in layers} for t in timesteps}
 
     def pooled(self, indices, timesteps=None, layers=None) -> dict[str, dict[str, torch.Tensor]]:
+        self.require("pooled", "reading pooled vectors")
         timesteps, layers = self._select(timesteps, layers)
         idx = self._checked(indices)
         return {t: {l: torch.from_numpy(self._read(pooled_path(t, l), idx)) for l in layers} for t in timesteps}
 
     def trajectory(self, indices, timesteps=None) -> dict[str, torch.Tensor]:
+        self.require("trajectory", "reading the trajectory")
         timesteps, _ = self._select(timesteps, None)
         return {t: torch.from_numpy(self._rows(trajectory_path(t), indices)) for t in timesteps}
 
     def latents(self, indices) -> torch.Tensor:
+        self.require("trajectory", "reading latents")
         return torch.from_numpy(self._rows("latents", indices))
 
     def labels(self, indices) -> torch.Tensor:

@@ -62,7 +62,7 @@ class TaskSource:
         missing = [k for k, v in (("geobench_task", task), ("bands", bands), ("band_scale", scale)) if not v]
         if missing:
             raise ConfigError(
-                f"{cfg.source}: dataset {cfg.dataset_name!r} is not one of {sorted(KNOWN_TASKS)}; "
+                f"{cfg.config_file}: dataset {cfg.dataset_name!r} is not one of {sorted(KNOWN_TASKS)}; "
                 f"set {', '.join(missing)} in its task file"
             )
         return cls(
