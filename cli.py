@@ -24,6 +24,12 @@ class Fuser(str, Enum):
     moe = "moe"
 
 
+class Source(str, Enum):
+    maps = "maps"
+    trajectory = "trajectory"
+    live = "live"
+
+
 class Split(str, Enum):
     train = "train"
     val = "val"
@@ -105,12 +111,14 @@ def fit(
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: <exp_folder>/<dataset>/<fuser>/seed<seed>, as the DVC stages).")] = None,
     cache_dir: Annotated[Optional[str], typer.Option(help="Cache root holding <dataset>/<split>.zarr.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 or auto (default: the config's).")] = None,
-    live: Annotated[bool, typer.Option(help="Recompute features through the backbone every batch (the reference's way; for measuring).")] = False,
+    source: Annotated[Optional[Source], typer.Option(help="Features from the cache's maps, recomputed from its stored trajectory (one UNet pass per timestep), or live through the whole backbone every batch (the reference's way; for measuring). Default: the config's source, else maps when the cache holds them, else trajectory.")] = None,
+    live: Annotated[bool, typer.Option(help="The same as --source live.")] = False,
     set_: SetOpt = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
     """Train a fuser and head on cached features; writes metrics.json, the model and plots."""
     from pipeline.config import load_config
+    from pipeline.errors import UserError
     from pipeline.fit import fit as run_fit
 
     with user_errors():
@@ -119,7 +127,10 @@ def fit(
             overrides["fuser"] = fuser.value
         cfg = load_config(config, overrides)
         out = out or Path(cfg.exp_folder) / cfg.dataset_name / cfg.fuser / f"seed{cfg.seed}"  # as dvc.yaml lays them out
-        metrics = run_fit(cfg, out, device=device, live=live, cache_dir=cache_dir, progress=progress)
+        if live and source not in (None, Source.live):
+            raise UserError(f"--live and --source {source.value} disagree; give one of them")
+        asked = "live" if live else source and source.value
+        metrics = run_fit(cfg, out, device=device, source=asked, cache_dir=cache_dir, progress=progress)
     select = metrics["selection_metric"]
     typer.echo(f"{out}: val {select} {metrics['val'][select]:.4f}, test {select} {metrics['test'][select]:.4f} "
                f"({metrics['epochs_run']} epochs, {metrics['train_seconds']:.0f} s)")
