@@ -28,9 +28,9 @@ from .store import CacheError, is_url, open_root
 # script at SD-2.1 size with random weights (2 images at 256 px) measured more for every entry
 # (blosc-lz4: float16 1.326, bitround-5 2.261, bitround-7 1.762, uint8 1.018, pooled 1.146,
 # trajectory 1.165), and trained UNet activations compress less than that (lz4 1.11, BitRound(7)
-# 1.45, BitRound(5) 1.78, as measured before on real activations); the tiny backbone's are the smallest of
-# the three, so a plan may overstate the bytes of a real cache (by up to 23 % for random full-size
-# weights, a few percent for trained ones) and does not understate them.
+# 1.45, BitRound(5) 1.78, as measured before on real activations). The tiny backbone's are the
+# smallest of the three, so a plan of a full-size cache errs high (by about 19 % for random
+# weights) rather than low; on the tiny demo caches it is within 5 % (tests/cache/test_planning.py).
 COMPRESSION = {
     "blosc-lz4": {"float16": 1.076, "bitround-1": 2.615, "bitround-2": 2.252, "bitround-3": 1.986,
                   "bitround-4": 1.768, "bitround-5": 1.592, "bitround-6": 1.449, "bitround-7": 1.329,
@@ -289,11 +289,11 @@ def format_plan(report: dict) -> str:
         f"{len(report['layers'])} layers x {len(report['timesteps'])} timesteps, codec {report['codec']}, "
         f"shards of {report['shard_size']}",
         f"images       {counts} (from {report['images_from']})",
-        f"{'tier':<11}{'encoding':<12}{'per image':>11}" + "".join(f"{s:>11}" for s in splits) + f"{'total':>11}",
+        f"{'tier':<13}{'encoding':<12}{'per image':>11}" + "".join(f"{s:>11}" for s in splits) + f"{'total':>11}",
     ]
     for r in report["rows"]:
         name = "labels etc." if r["tier"] == BASE else r["tier"]
-        lines.append(f"{name:<11}{r['encoding'] or '-':<12}{human(r['bytes_per_image']):>11}"
+        lines.append(f"{name:<13}{r['encoding'] or '-':<12}{human(r['bytes_per_image']):>11}"
                      + "".join(f"{human(r['bytes'][s]):>11}" for s in splits) + f"{human(r['bytes']['total']):>11}")
     store = report["store"]
     lines.append(f"store        [{', '.join(store['tiers'])}], map_encoding {store['map_encoding']} (the config's): "
