@@ -1,18 +1,21 @@
-import numpy as np
-import pytest
-
-from pipeline.cache.audit import cache_info
 import os
+import shutil
 import subprocess
 
+import pytest
+import zarr
+
 from pipeline.cache import planning
-from pipeline.cache.planning import check_room, dataset_plan, layer_shapes, passes_per_epoch, pending_shards, plan_bytes, plan_report, variant
-from pipeline.cache.store import CacheError
-from pipeline.errors import UserError
-from pipeline.extract import Extraction
+from pipeline.cache.audit import cache_info
+from pipeline.cache.planning import (
+    check_room, dataset_plan, layer_shapes, passes_per_epoch, pending_shards, plan_bytes, plan_report, variant,
+)
 from pipeline.cache.reader import open_cache
+from pipeline.cache.store import CacheError
 from pipeline.cache.writer import CacheWriter
 from pipeline.data.geobench_task import GeoBenchSplit, TaskSource
+from pipeline.errors import UserError
+from pipeline.extract import Extraction
 
 
 def planned_and_real(cfg, split, tiers):
@@ -114,12 +117,10 @@ def test_extraction_refuses_a_disk_without_room_before_loading_the_backbone(make
 
 
 def test_a_resumed_extraction_needs_room_for_its_pending_shards_only(cached_demo, tmp_path, monkeypatch):
-    import shutil
-
     cfg = cached_demo("demo_cls", cache_dir=str(tmp_path / "copy"))
     shutil.copytree(cached_demo("demo_cls").cache_path("train"), cfg.cache_path("train"))
     plan = open_cache(cfg.cache_path("train")).plan
-    CacheWriter(__import__("zarr").open_group(cfg.cache_path("train"), mode="r+"), cfg.cache_path("train"), plan).clear_done([1])
+    CacheWriter(zarr.open_group(cfg.cache_path("train"), mode="r+"), cfg.cache_path("train"), plan).clear_done([1])
     assert pending_shards(cfg.cache_path("train"), plan) == [1]
     one = planning.room_needed(plan, [1], 16, fresh=False)
     assert one < planning.room_needed(plan, [0, 1, 2], 16, fresh=True) / 2
