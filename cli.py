@@ -279,6 +279,23 @@ def _layer_error(errors: dict, layer: str) -> str:
     return f" relative L2 {100 * rel:.3f} %, max abs {max_abs:.4g} (worst of {len(mine)} timesteps)"
 
 
+@cache_app.command("plan")
+def cache_plan(
+    config: ConfigArg,
+    images: Annotated[Optional[int], typer.Option(help="Plan this many images per split instead of the GEO-Bench task's counts.")] = None,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """Bytes per tier and map encoding for each split, and UNet passes per training image and epoch
+    for each fit source, before anything is extracted; loads no weights."""
+    from pipeline.cache.planning import format_plan, plan_report
+    from pipeline.config import load_config
+
+    with user_errors():
+        report = plan_report(load_config(config, parse_overrides(set_ or [])), images)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_plan(report))
+
+
 @cache_app.command("verify")
 def cache_verify(path: Annotated[str, typer.Argument(help="Cache path or URL (.../<split>.zarr).")]):
     """Check that every unit is done and every array is present, readable and consistent."""

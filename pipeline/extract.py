@@ -23,6 +23,7 @@ from .cache.layout import (
 )
 from .cache.reader import lacking_tiers
 from .cache.lock import WriterLock
+from .cache.planning import check_room
 from .cache.store import CacheError, CacheMismatch, check_location, is_url
 from .cache.writer import CacheWriter, lacking_objects
 from .config import Config, ConfigError
@@ -165,6 +166,7 @@ class Extraction:
             log.info("cache %s is complete; nothing to extract", path)
             return ExtractResult(path, len(dataset), 0, 0.0, 0, 0)
         _check_writable(path)
+        check_room(cfg, path, dataset, replace=overwrite)
         with WriterLock(path, self.storage_options, wait=wait) as lock:
             writer = None if overwrite else self._reopen(path, request, replace_mismatched, "r+")
             if writer is not None:

@@ -56,6 +56,65 @@ def test_extract_info_verify(exp_file, tmp_path):
     assert runner.invoke(app, ["cache", "verify", str(cache)]).exit_code == 0
 
 
+def test_cache_plan_prints_bytes_per_tier_and_passes_per_source(exp_file):
+    result = runner.invoke(app, ["cache", "plan", str(exp_file)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].endswith("demo-landcover at 64 px, 21 layers x 3 timesteps, codec blosc-lz4, shards of 4")
+    assert lines[1].startswith("images       train 20, val 8, test 8 (from GEO-Bench task ")
+    assert lines[2].split() == ["tier", "encoding", "per", "image", "train", "val", "test", "total"]
+    assert [line.split()[:2] for line in lines[3:10]] == [
+        ["maps", "float16"], ["maps", "bitround-5"], ["maps", "bitround-7"], ["maps", "uint8"], ["pooled", "-"],
+        ["trajectory", "-"], ["labels", "etc."]]
+    assert lines[10].startswith("store        [maps, pooled, trajectory], map_encoding float16 (the config's): train ")
+    assert lines[11] == "fit cost     UNet passes per training image and epoch: source maps 0, trajectory 3, live 10 (+1 VAE)"
+    as_json = json.loads(runner.invoke(app, ["cache", "plan", str(exp_file), "--json", "--images", "500",
+                                             "--set", "store=[pooled]"]).output)
+    assert as_json["images"] == {"train": 500, "val": 500, "test": 500}
+    assert as_json["store"]["tiers"] == ["pooled"] and as_json["unet_passes_per_image_and_epoch"]["live"] == 10
+
+
+def test_cache_plan_user_errors_are_one_line(exp_file, tmp_path, tiny_backbone):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_backbone.root, broken)
+    unet_config = broken / "resolution64" / "checkpoint-150000" / "unet" / "config.json"
+    unet_config.unlink()
+    garbled = tmp_path / "garbled"
+    shutil.copytree(tiny_backbone.root, garbled)
+    (garbled / "resolution64" / "checkpoint-150000" / "unet" / "config.json").write_text("{not json")
+    cases = [
+        (["--set", "pretrained_model_name_or_path=" + str(tmp_path / "nowhere")],
+         f"DiffusionSat checkpoint folder {tmp_path / 'nowhere' / 'resolution64'} does not exist"),
+        (["--set", f"pretrained_model_name_or_path={broken}"], f"{unet_config} is missing"),
+        (["--set", f"pretrained_model_name_or_path={garbled}"], "config.json is not valid JSON"),
+        (["--set", "geobench_dir=" + str(tmp_path / "nodata")], "(no task_specs.pkl), so its split sizes are unknown; "
+                                                                 "pass --images N to plan N images per split"),
+        (["--images", "0"], "--images 0: expected a number of images per split >= 1"),
+        (["--set", "store=[maps,maps]"], "store is ['maps', 'maps']; expected a non-empty list of distinct tiers"),
+        (["--set", "map_encoding=bitround-12"], "map_encoding is 'bitround-12'; expected float16 (exact), bitround-K"),
+        (["--set", "layer_idxs={up_blocks: {attn9: all}}"], "attn9"),
+    ]
+    for extra, message in cases:
+        result = runner.invoke(app, ["cache", "plan", str(exp_file), *extra])
+        assert result.exit_code == 2, (extra, result.output, result.exception)
+        assert isinstance(result.exception, SystemExit)
+        assert message in result.output and result.output.count("\n") == 1, (extra, result.output)
+
+
+def test_extract_without_room_is_one_line(exp_file, tmp_path, monkeypatch):
+    from pipeline.cache import planning
+
+    monkeypatch.setattr(planning, "free_bytes", lambda path: (50_000, str(tmp_path)))
+    result = runner.invoke(app, ["extract", str(exp_file), "--split", "val", "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert result.output.startswith(f"error: cache {tmp_path / 'cache' / 'demo-landcover' / 'val.zarr'}: store "
+                                    "[maps, pooled, trajectory], map_encoding float16 needs ")
+    assert f"but {tmp_path} has 48.8 KiB free; " in result.output
+    assert not (tmp_path / "cache" / "demo-landcover" / "val.zarr").exists()
+
+
 def test_user_errors_are_one_line_with_exit_status_2(exp_file, tmp_path, tiny_backbone):
     import shutil
 

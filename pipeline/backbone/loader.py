@@ -368,6 +368,21 @@ def _load_tokenizer(folder: Path):
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
+def read_model_configs(spec: BackboneSpec) -> tuple[dict, dict]:
+    """The UNet's and the scheduler's stored configs, checked, without the rest of the checkpoint:
+    enough to plan a cache's shapes and passes before the weights are downloaded or read."""
+    path = spec.path
+    if not path.is_dir():
+        raise BackboneError(f"DiffusionSat checkpoint folder {path} does not exist: {_layout_text(spec)}; download "
+                            "DiffusionSat (Zenodo 13756199 for 256 px, 13751498 for 512 px) or set "
+                            "pretrained_model_name_or_path / resolution_subfolder")
+    unet = path / spec.unet_subfolder / "config.json"
+    for file in (unet, path / "scheduler" / "scheduler_config.json"):
+        if not file.is_file():
+            raise BackboneError(f"{file} is missing: {_layout_text(spec)}; {RESTORE} or set unet_subfolder")
+    return _read_mapping(unet), _scheduler_config(path)
+
+
 def read_scheduler_config(spec: BackboneSpec) -> dict:
     """The stored scheduler config (any scheduler class: only its betas and spacing are used)."""
     check_layout(spec)
