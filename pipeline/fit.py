@@ -84,7 +84,20 @@ def fit_source(cfg: Config, caches: dict, asked: str | None = None) -> str:
     if source != "live":
         for cache in caches.values():
             cache.require(source, f"a fit with source {source}")
+    if source == "maps":
+        for cache in caches.values():
+            check_encoding(cfg, cache)
     return source
+
+
+def check_encoding(cfg: Config, cache: FeatureCache) -> None:
+    """Refuse maps stored in another encoding than the config names: a lossy cache read by an exact
+    config (or the reverse) would give other numbers than the ones asked for, without a word."""
+    if cache.map_encoding != cfg.map_encoding:
+        raise CacheError(f"cache {cache.path} stores its maps as {cache.map_encoding}, but {cfg.config_file} has "
+                         f"map_encoding {cfg.map_encoding}; set map_encoding: {cache.map_encoding} to use these maps "
+                         f"(`satdifuser cache info {cache.path}` shows their error), or fit with --source trajectory "
+                         "for exact features")
 
 
 def check_backbone(cfg: Config, caches: dict) -> None:
@@ -237,6 +250,7 @@ def _train_and_write(cfg: Config, model: FusionModel, splits: Splits, caches: di
                           partition=cfg.partition, train_images=splits.train_size, limited_label=cfg.limited_label,
                           timesteps=list(model.config.timesteps), layers=list(model.config.layer_shapes),
                           backbone=caches["train"].request["backbone"]["id"],
+                          map_encoding=caches["train"].map_encoding if source == "maps" else None,
                           latent_seed=extraction["seed"], precision=extraction["precision"])
     best = FusionModel.from_pretrained(out_dir / "model", dev)
     aux = aux_summary(cfg, best, splits, dev)
@@ -319,6 +333,7 @@ def evaluate_saved(cfg: Config, model_dir: str | Path, split: str = "test", cach
     if cache_dir:
         cfg = dataclasses.replace(cfg, cache_dir=cache_dir)
     cache = open_cache(cfg.cache_path(split), expect=expected_request(cfg, split))
+    check_encoding(cfg, cache)
     batches = CacheBatches(cache, cfg.val_batch_size, model.config.timesteps, list(model.config.layer_shapes))
     output_shape = (cfg.original_img_size,) * 2 if cfg.task == "segmentation" else None
     return evaluate(model, batches.epoch(0), cfg.task, cfg.num_classes, cfg.ignore_index, output_shape, dev)

@@ -377,16 +377,16 @@ def test_a_fit_from_the_trajectory_refuses_other_extraction_settings(cached_demo
     assert not (tmp_path / "out").exists()
 
 
-def extract_tiers(cached_demo, tmp_path, store):
-    """Train, val and test caches holding ``store``; skipped while extraction writes every tier."""
+def extract_tiers(cached_demo, tmp_path, store, **overrides):
+    """Train, val and test caches holding ``store``."""
     from pipeline.extract import Extraction
     from pipeline.cache.reader import open_cache
 
-    cfg = cached_demo(cache_dir=str(tmp_path / "cache"), store=store, max_train_epochs=1, layer_idxs=NO_1X1)
+    cfg = cached_demo(cache_dir=str(tmp_path / "cache"), store=store, max_train_epochs=1, layer_idxs=NO_1X1,
+                      **overrides)
     extraction = Extraction(cfg)
     extraction.run("train", progress=False)
-    if open_cache(cfg.cache_path("train")).tiers != tuple(store):
-        pytest.skip("extraction does not write the tiers of `store` yet")
+    assert open_cache(cfg.cache_path("train")).tiers == tuple(store)
     for split in ("val", "test"):
         extraction.run(split, progress=False)
     return cfg
@@ -412,6 +412,22 @@ def test_a_fit_from_the_trajectory_of_a_cache_without_one_is_refused(cached_demo
                        r"maps,pooled,trajectory`$"):
         fit(cfg, tmp_path / "run", source="trajectory", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_fit_reads_lossy_maps_only_when_its_config_names_their_encoding(cached_demo, tmp_path):
+    import dataclasses
+
+    from pipeline.cache.store import CacheError
+
+    lossy = extract_tiers(cached_demo, tmp_path, ["maps", "trajectory"], map_encoding="bitround-5")
+    exact = dataclasses.replace(lossy, map_encoding="float16")
+    with pytest.raises(CacheError, match=r"train.zarr stores its maps as bitround-5, but .* has map_encoding float16; "
+                       r"set map_encoding: bitround-5 to use these maps"):
+        fit(exact, tmp_path / "exact", progress=False)
+    assert not (tmp_path / "exact").exists()
+    assert fit(lossy, tmp_path / "lossy", progress=False)["map_encoding"] == "bitround-5"
+    # The trajectory is exact whatever the maps' encoding: no refusal, no encoding recorded.
+    assert fit(exact, tmp_path / "traj", source="trajectory", progress=False)["map_encoding"] is None
 
 
 def test_cli_fit_source(cached_demo, tmp_path):
