@@ -59,8 +59,8 @@ MIB = 1 << 20
 class Stages:
     """Runs each stage as a child process and keeps its seconds and peak RSS."""
 
-    def __init__(self, logs: Path):
-        self.logs = logs
+    def __init__(self, logs: Path, max_rss_gb: float):
+        self.logs, self.max_rss_gb = logs, max_rss_gb
         self.rows: list[dict] = []
         logs.mkdir(parents=True, exist_ok=True)
 
@@ -71,17 +71,43 @@ class Stages:
         start = time.perf_counter()
         with open(log, "w") as out:
             proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            stopped = self._watch(proc.pid)
             _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
-        row = {"stage": name, "seconds": round(time.perf_counter() - start, 1),
+        if stopped:
+            with open(log, "a") as out:
+                out.write(f"stopped: resident memory passed --max-rss-gb {self.max_rss_gb:g}\n")
+        row = {"stage": name, "seconds": round(time.perf_counter() - start, 1), "stopped_at_max_rss": stopped,
                "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
                "peak_rss_mib": round(usage.ru_maxrss / 1024), "rc": proc.returncode, "log": str(log), **extra}
         self.rows.append(row)
         tail = log.read_text().strip().splitlines()[-3:]
-        print(f"   {row['seconds']:.1f} s ({row['cpu_seconds']:.0f} s of CPU), peak RSS {row['peak_rss_mib']:,} MiB, exit {row['rc']}", flush=True)
+        stop = f" (stopped: over --max-rss-gb {self.max_rss_gb:g})" if stopped else ""
+        print(f"   {row['seconds']:.1f} s ({row['cpu_seconds']:.0f} s of CPU), peak RSS {row['peak_rss_mib']:,} MiB, "
+              f"exit {row['rc']}{stop}", flush=True)
         for line in tail:
             print(f"   | {line[:200]}", flush=True)
         return row
+
+    def _watch(self, pid: int) -> bool:
+        """Wait for ``pid`` to exit, killing it when its resident memory passes ``max_rss_gb``, so
+        that a stage that needs more than the machine has stops alone instead of calling in the
+        kernel's OOM killer on whatever else runs here. True when it was killed."""
+        while True:
+            try:
+                done = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return False
+            if done is not None:
+                return False
+            try:
+                rss_kib = next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS"))
+            except (FileNotFoundError, StopIteration):
+                rss_kib = 0
+            if rss_kib > self.max_rss_gb * 2**20:
+                os.kill(pid, 9)
+                return True
+            time.sleep(0.2)
 
     def output(self, row: dict) -> str:
         return Path(row["log"]).read_text()
@@ -225,7 +251,7 @@ def synthetic_cache(model_store: str, store: str, images: int) -> None:
     request["dataset"].update(num_samples=images, sample_names_sha256="synthetic", content_sha256="synthetic")
     keep = ("code_version", "unet_passes_per_image", "layer_catalog")
     writer = CacheWriter.create(store, request, plan, {k: model.attrs[k] for k in keep if k in model.attrs})
-    num_classes = int(request["dataset"]["num_classes"])
+    num_classes = int(request["dataset"].get("num_classes") or 2)
     rng = np.random.default_rng(0)
 
     class RandomFeatures:
@@ -267,8 +293,8 @@ def plan(args) -> list[str]:
         lines.append(f"fits: {', '.join(args.fusers)} for 1 epoch from maps, per task")
     if args.scale_images:
         lines.append(f"at real batch and shard sizes: caches of random real-size features ({args.scale_images} train, "
-                     f"{args.scale_images // 2} val and test images per task) written by extraction's loop; the same "
-                     "probe and fits on them, on one training batch of the reference's size")
+                     f"{args.scale_images // 2} val and test images per task) written by extraction's loop; the probe and "
+                     f"{', '.join(args.scale_fusers)} fits on them, on one training batch of the reference's size")
     return lines
 
 
@@ -283,6 +309,10 @@ def main() -> None:
     parser.add_argument("--skip-probe", action="store_true")
     parser.add_argument("--skip-fits", action="store_true")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], help="config key=value for every stage")
+    parser.add_argument("--scale-fusers", nargs="+", default=["gw", "moe"], choices=["gw", "lw", "moe"],
+                        help="fusers fitted on the random-feature caches")
+    parser.add_argument("--max-rss-gb", type=float, default=16.0,
+                        help="stop a stage whose resident memory passes this (GiB), and say so")
     parser.add_argument("--seconds-per-pass", type=float, default=UNET_PASS_S)
     parser.add_argument("--seconds-per-vae", type=float, default=VAE_S)
     parser.add_argument("--scale-images", type=int, default=128,
@@ -308,7 +338,7 @@ def main() -> None:
 
 
 def run_all(args, work: Path) -> None:
-    stages = Stages(work / "logs")
+    stages = Stages(work / "logs", args.max_rss_gb)
     backbone = write_backbone(stages, args.backbone or work / "backbone")
     geobench = demo_subset(stages, work, args.images, args.eval_images)
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.overrides)}
@@ -327,13 +357,14 @@ def run_all(args, work: Path) -> None:
     report(stages.rows, sizes, work)
 
 
-def task_stages(stages: Stages, args, task: str, cfg: Path, cache: Path, out: Path, tag: str = "") -> None:
+def task_stages(stages: Stages, args, task: str, cfg: Path, cache: Path, out: Path, tag: str = "",
+                fusers=None) -> None:
     dataset = TASKS[task][2]
     if not args.skip_probe:
         stages.run(f"{task}{tag} probe", ["-m", "cli", "probe", "--cache", str(cache / dataset),
                                           "--out", str(out / "probes" / dataset)])
     if not args.skip_fits:
-        for fuser in args.fusers:
+        for fuser in fusers or args.fusers:
             stages.run(f"{task}{tag} fit {fuser} maps", ["-m", "cli", "fit", str(cfg), "--fuser", fuser, "--out",
                                                          str(out / "experiments" / dataset / fuser), "--no-progress"])
 
@@ -353,7 +384,12 @@ def scaled(stages: Stages, args, task: str, backbone: Path, geobench: Path, work
                        images=n)
     fraction = min(1.0, batch / n_train)
     cfg = experiment_config(work, task, backbone, geobench, cache, {**overrides, "limited_label": fraction}, "scaled")
-    task_stages(stages, args, task, cfg, cache, out, f" x{n_train} (random features, batch {min(batch, n_train)})")
+    tag = f" x{n_train} (random features, batch {min(batch, n_train)})"
+    task_stages(stages, args, task, cfg, cache, out, tag, args.scale_fusers)
+    if not args.skip_fits and "moe" in args.scale_fusers:
+        stages.run(f"{task}{tag} fit moe maps, checkpoint_projections",
+                   ["-m", "cli", "fit", str(cfg), "--fuser", "moe", "--out", str(out / "experiments" / dataset / "moe-ckpt"),
+                    "--no-progress", "--set", "checkpoint_projections=true"])
 
 
 def report(rows: list[dict], sizes: list[dict], work: Path) -> None:
