@@ -130,7 +130,7 @@ def cli_fit(cfg, out):
     import yaml
 
     flow = lambda v: yaml.safe_dump(v, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
-    values = [f"{k}={flow(v)}" for k, v in dataclasses.asdict(cfg).items() if k != "source"]
+    values = [f"{k}={flow(v)}" for k, v in dataclasses.asdict(cfg).items() if k != "config_file"]
     args = [sys.executable, "-m", "cli", "fit", cfg.config_file, "--out", str(out), "--no-progress"]
     return subprocess.Popen(args + [a for v in values for a in ("--set", v)], cwd=repo, text=True,
                             env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
