@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -71,7 +72,11 @@ class Stages:
         start = time.perf_counter()
         with open(log, "w") as out:
             proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-            stopped = self._watch(proc.pid)
+            try:
+                stopped = self._watch(proc.pid)
+            except BaseException:  # Ctrl-C or SIGTERM of this script: the stage must not run on alone
+                proc.kill()
+                raise
             _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         if stopped:
@@ -326,6 +331,7 @@ def main() -> None:
     print("plan:\n  " + "\n  ".join(plan(args)), flush=True)
     if args.dry_run:
         return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = args.keep or Path(tempfile.mkdtemp(prefix="satdifuser-real-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
