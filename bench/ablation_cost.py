@@ -62,7 +62,7 @@ def main() -> None:
                                                 "preload_max_gb": opts["preload_max_gb"]})
                 with tempfile.TemporaryDirectory() as out:
                     t = time.perf_counter()
-                    m = fit(cfg, out, device=args.device, live=opts.get("live", False), progress=False)
+                    m = fit(cfg, out, device=args.device, source="live" if opts.get("live") else None, progress=False)
                     seconds[mode] = time.perf_counter() - t
                     wait[mode] = m["data_wait_seconds"] / m["train_seconds"]
             ratio, io = seconds["live"] / seconds["cached"], seconds["cached"] / seconds["memory"] - 1

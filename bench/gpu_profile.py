@@ -158,7 +158,7 @@ def epochs(prof: Profile, cfg) -> None:
         run_cfg = dataclasses.replace(cfg, fuser="gw", max_train_epochs=1, preload_max_gb=opts["preload_max_gb"])
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
-            m = fit(run_cfg, out, live=opts.get("live", False), progress=False)
+            m = fit(run_cfg, out, source="live" if opts.get("live") else None, progress=False)
             prof.record(f"gw_epoch_{mode}", {"fit_seconds": round(time.perf_counter() - start, 1),
                                              "train_seconds": m["train_seconds"],
                                              "data_wait_seconds": m["data_wait_seconds"]})

@@ -1,5 +1,9 @@
-"""`satdifuser fit`: train a fuser + head on cached features (or, with ``live``, on features
-recomputed through the backbone for every batch, as the reference does) and write the outputs.
+"""`satdifuser fit`: train a fuser + head on features from the cache and write the outputs.
+
+The features come from one of three sources (``source``): the cache's stored maps; maps
+recomputed from the cache's stored trajectory (the UNet input x_t of each saved label), one UNet
+pass per label and batch; or, ``live``, the images through the whole backbone for every batch, as
+the reference does. All three serve the same batches in the same order.
 
 Outputs in ``out_dir``: ``metrics.json`` (val and test of the best model), ``model/`` (config.json +
 model.safetensors), ``training_state.pt`` (``pipeline.resume``), ``history.csv`` and the plots of
@@ -21,7 +25,8 @@ import torch
 
 from .cache.batches import CacheBatches, batch_order
 from .cache.reader import FeatureCache, open_cache
-from .config import Config
+from .cache.store import CacheError
+from .config import Config, ConfigError
 from .errors import UserError
 from .model import FusionModel
 from .train import Splits, evaluate, feature_selection, model_config, train
@@ -33,6 +38,7 @@ log = logging.getLogger(__name__)
 EXTRACTION_KEYS = ("mode", "num_timesteps", "prompt", "img_size", "latent")
 # What a fit writes into its output folder (which it replaces whole).
 FIT_OUTPUTS = {"metrics.json", "history.csv", "model", "plots", "training_state.pt"}
+SOURCES = ("maps", "trajectory", "live")
 
 
 def expected_request(cfg: Config, split: str) -> dict:
@@ -66,6 +72,37 @@ def training_rows(names, fraction: float | None, seed: int) -> np.ndarray:
     return np.sort(np.array(keep, dtype=np.int64))
 
 
+def fit_source(cfg: Config, caches: dict, asked: str | None = None) -> str:
+    """Where a fit takes its features: ``asked``, else the config's ``source``, else the maps when
+    the train cache holds them and the trajectory when it holds that; refused in one line when a
+    split's cache cannot serve it."""
+    source = asked or cfg.source
+    if source is None:
+        source = next((tier for tier in ("maps", "trajectory") if caches["train"].plan.holds(tier)), "maps")
+    if source not in SOURCES:
+        raise ConfigError(f"source {source!r} is not one of {list(SOURCES)}")
+    if source != "live":
+        for cache in caches.values():
+            cache.require(source, f"a fit with source {source}")
+    return source
+
+
+def check_backbone(cfg: Config, caches: dict) -> None:
+    """Refuse caches whose trajectory another backbone computed: its x_t through this config's
+    UNet would give features of neither. The extraction settings are checked on opening."""
+    from .backbone.loader import fingerprint
+    from .extract import backbone_spec
+
+    have = fingerprint(backbone_spec(cfg))["id"]
+    for cache in caches.values():
+        built = cache.request.get("backbone", {}).get("id")
+        if built != have:
+            raise CacheError(f"cache {cache.path} was built from backbone {built}, but {cfg.config_file} names "
+                             f"{cfg.pretrained_model_name_or_path} (backbone {have}); set pretrained_model_name_or_path "
+                             "to the backbone the cache was built from, or re-extract with `satdifuser extract CONFIG "
+                             "--overwrite`")
+
+
 def cached_splits(cfg: Config, caches: dict, timesteps, layers, train_rows=None) -> Splits:
     """Batches of each split's cache; ``train_rows`` are the training images to use (all when None)."""
     train_rows = np.arange(len(caches["train"])) if train_rows is None else train_rows
@@ -76,6 +113,32 @@ def cached_splits(cfg: Config, caches: dict, timesteps, layers, train_rows=None)
                            indices=train_rows if split == "train" else None)
         src.preload = src.nbytes() <= cfg.preload_max_gb * 2**30
         return src.epoch
+
+    return Splits(batches("train", True), batches("val", False), batches("test", False), len(train_rows))
+
+
+def trajectory_splits(cfg: Config, caches: dict, timesteps, layers, device, train_rows=None) -> Splits:
+    """Maps recomputed on ``device`` from each batch's stored trajectory, one UNet pass per timestep
+    stopped after the last layer used, in the batches and order of ``cached_splits``."""
+    from .backbone.extractor import FeatureExtractor
+    from .backbone.loader import load_diffusionsat
+    from .extract import backbone_spec, extraction_settings
+
+    extractor = FeatureExtractor(load_diffusionsat(backbone_spec(cfg), device), extraction_settings(cfg))
+    train_rows = np.arange(len(caches["train"])) if train_rows is None else train_rows
+
+    def batches(split, shuffle):
+        cache = caches[split]
+        order = CacheBatches(cache, cfg.batch_size if split == "train" else cfg.val_batch_size, timesteps, layers,
+                             shuffle=shuffle, seed=cfg.seed, buffer_shards=cfg.shuffle_buffer_shards,
+                             indices=train_rows if split == "train" else None).order
+
+        def epoch(e):
+            for idx in order(e):
+                maps, _ = extractor.from_trajectory(cache.trajectory(idx, timesteps), layers, on_device=True)
+                yield maps, cache.labels(idx), idx
+
+        return epoch
 
     return Splits(batches("train", True), batches("val", False), batches("test", False), len(train_rows))
 
@@ -111,8 +174,9 @@ def live_splits(cfg: Config, timesteps, layers, device, shard_size: int | None =
     return Splits(train_b, val_b, test_b, n)
 
 
-def fit(cfg: Config, out_dir: str | Path, device: str | None = None, live: bool = False,
+def fit(cfg: Config, out_dir: str | Path, device: str | None = None, source: str | None = None,
         cache_dir: str | None = None, progress: bool = True) -> dict:
+    """Train and write the outputs; ``source`` (maps, trajectory or live) overrides the config's."""
     from .extract import resolve_device
     from .outputs import begin_output, check_replaceable, output_folder, publish_output, remove_partial
     from .resume import STATE_NAME, load_state
@@ -126,23 +190,29 @@ def fit(cfg: Config, out_dir: str | Path, device: str | None = None, live: bool 
     if cache_dir:
         cfg = dataclasses.replace(cfg, cache_dir=cache_dir)
     caches = open_split_caches(cfg)
+    source = fit_source(cfg, caches, source)
     timesteps, layers = feature_selection(cfg, caches["train"])
     shapes = {l: caches["train"].layer_shapes[l] for l in layers}
-    config = model_config(cfg, shapes, timesteps)  # refuses bad rescales before a live fit loads the backbone
+    config = model_config(cfg, shapes, timesteps)  # refuses bad rescales before the backbone is loaded
     rows = training_rows(caches["train"].sample_names, cfg.limited_label, cfg.seed)
     if cfg.limited_label is not None:
         log.info("limited_label %s: training on %d of %d images", cfg.limited_label, len(rows), len(caches["train"]))
-    splits = (live_splits(cfg, timesteps, layers, dev, caches["train"].plan.shard_size, rows) if live
-              else cached_splits(cfg, caches, timesteps, layers, rows))
+    if source == "trajectory":
+        check_backbone(cfg, caches)
+        splits = trajectory_splits(cfg, caches, timesteps, layers, dev, rows)
+    elif source == "live":
+        splits = live_splits(cfg, timesteps, layers, dev, caches["train"].plan.shard_size, rows)
+    else:
+        splits = cached_splits(cfg, caches, timesteps, layers, rows)
     torch.manual_seed(cfg.seed)
     model = FusionModel(config).to(dev)
     state = load_state(cfg.resume_from, model, cfg, dev) if cfg.resume_from else None
     # Read before the partial folder is cleared: the state may be that of a fit stopped there.
     partial = begin_output(out_dir, keep=state["path"] if state else None)
-    log.info("%s + %s: %d parameters, %d timesteps x %d layers, %s features", cfg.fuser, model.config.head,
-             sum(p.numel() for p in model.parameters()), len(timesteps), len(layers), "live" if live else "cached")
+    log.info("%s + %s: %d parameters, %d timesteps x %d layers, %s", cfg.fuser, model.config.head,
+             sum(p.numel() for p in model.parameters()), len(timesteps), len(layers), f"features from {source}")
     try:
-        metrics = _train_and_write(cfg, model, splits, caches, partial, dev, live, progress, state)
+        metrics = _train_and_write(cfg, model, splits, caches, partial, dev, source, progress, state)
     except (Exception, KeyboardInterrupt) as err:
         if (partial / STATE_NAME).is_file():
             log.warning("fit stopped (%s): nothing at %s was changed; the partial output is in %s (resume_from: %s "
@@ -157,38 +227,42 @@ def fit(cfg: Config, out_dir: str | Path, device: str | None = None, live: bool 
     return metrics
 
 
-def _train_and_write(cfg: Config, model: FusionModel, splits: Splits, caches: dict, out_dir: Path, dev, live: bool,
+def _train_and_write(cfg: Config, model: FusionModel, splits: Splits, caches: dict, out_dir: Path, dev, source: str,
                      progress: bool, state: dict | None) -> dict:
     from .plots import write_plots
 
     result = train(cfg, model, splits, out_dir, dev, progress, state)
     extraction = caches["train"].request["extraction"]
-    result.metrics.update(fuser=cfg.fuser, dataset=cfg.dataset_name, seed=cfg.seed, live=live,
+    result.metrics.update(fuser=cfg.fuser, dataset=cfg.dataset_name, seed=cfg.seed, source=source,
                           partition=cfg.partition, train_images=splits.train_size, limited_label=cfg.limited_label,
                           timesteps=list(model.config.timesteps), layers=list(model.config.layer_shapes),
                           backbone=caches["train"].request["backbone"]["id"],
                           latent_seed=extraction["seed"], precision=extraction["precision"])
     best = FusionModel.from_pretrained(out_dir / "model", dev)
     aux = aux_summary(cfg, best, splits, dev)
-    # LW and MoE summaries run val once more, through the backbone when live.
-    result.metrics["ledger"] = fit_ledger(result, caches, live, extra_val_passes=int(cfg.fuser != "gw"))
+    # LW and MoE summaries run val once more, through the backbone unless from the maps.
+    result.metrics["ledger"] = fit_ledger(result, caches, source, len(model.config.timesteps),
+                                          extra_val_passes=int(cfg.fuser != "gw"))
     write_outputs(out_dir, result)
     write_plots(out_dir, result, best, aux)
     return result.metrics
 
 
-def fit_ledger(result, caches: dict, live: bool, extra_val_passes: int = 0) -> dict:
+def fit_ledger(result, caches: dict, source: str, timesteps: int, extra_val_passes: int = 0) -> dict:
     """UNet and VAE passes this fit ran, and those the reference runs for the same training: it
     recomputes every image's features for every epoch, every validation and the test evaluation.
-    ``extra_val_passes`` are our own passes over val (the fusion summary), which only a live fit pays."""
+    A fit from the trajectory runs one UNet pass per image and timestep and no VAE; from the maps,
+    none. ``extra_val_passes`` are our own passes over val (the fusion summary), which only a fit
+    that recomputes its features pays."""
     per_image = int(caches["train"].attrs.get("unet_passes_per_image") or 0)
     n = {split: len(cache) for split, cache in caches.items()}
     evaluations = sum(1 for row in result.history if any(k.startswith("val_") for k in row))
     # Training batches, every validation, and the best model's final val and test evaluations.
     reference = result.metrics["train_images_seen"] + (evaluations + 1) * n["val"] + n["test"]
-    ran = reference + extra_val_passes * n["val"] if live else 0
+    ran = reference + extra_val_passes * n["val"] if source != "maps" else 0
     return {"epochs": result.metrics["epochs_run"], "val_evaluations": evaluations, "images_through_backbone": ran,
-            "unet_passes": ran * per_image, "vae_passes": ran,
+            "unet_passes": ran * (per_image if source == "live" else timesteps),
+            "vae_passes": ran if source == "live" else 0,
             "reference_unet_passes": reference * per_image, "reference_vae_passes": reference,
             "unet_passes_per_image": per_image}
 

@@ -1,3 +1,4 @@
+import csv
 import json
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def test_live_ledger_counts_every_image_through_the_backbone(cached_demo, tmp_pa
     original = FeatureExtractor.__call__
     monkeypatch.setattr(FeatureExtractor, "__call__", lambda self, images, names: seen.append(len(names)) or original(self, images, names))
     cfg = cached_demo(fuser="lw", max_train_epochs=1, layer_idxs={"up_blocks": {"attn1": "all", "conv2": []}})
-    ledger = fit(cfg, tmp_path, live=True, progress=False)["ledger"]
+    ledger = fit(cfg, tmp_path, source="live", progress=False)["ledger"]
     # 20 training images, val twice (in training and for the best model), test, and val for LW's gate summary.
     assert sum(seen) == ledger["images_through_backbone"] == ledger["vae_passes"] == 20 + 2 * 8 + 8 + 8
     assert ledger["unet_passes"] == 10 * sum(seen)
@@ -284,3 +285,146 @@ def test_evaluate_refuses_a_config_the_model_was_not_trained_for(cached_demo, tm
     fit(cfg, tmp_path / "run", progress=False)
     with pytest.raises(UserError, match=r"run/model was not trained for .* \(head: model 'linear', config 'upernet'"):
         evaluate_saved(cached_demo("demo_seg"), tmp_path / "run" / "model", "test")
+
+
+# Without up_blocks_0's 1 x 1 maps (at 64 px), where GroupNorm cannot normalise one routed image.
+NO_1X1 = {"up_blocks": {"attn1": "all", "conv2": []}}
+
+
+def assert_within_float16_rounding(actual, expected):
+    # The stored maps come from the extraction's batches, the recomputed ones from the fit's: CPU
+    # kernels round float32 by batch shape, which moves a few float16 values by one rounding step.
+    torch.testing.assert_close(actual, expected, rtol=2**-10, atol=1e-5)
+
+
+def test_trajectory_batches_are_the_cached_batches_recomputed(cached_demo):
+    from pipeline.fit import trajectory_splits
+
+    # Shard buffers and limited_label rows: the cached batches' order is the least obvious there.
+    cfg = cached_demo(fuser="gw", shuffle_buffer_shards=2, limited_label=0.5, batch_size=3)
+    caches = open_split_caches(cfg)
+    rows = training_rows(caches["train"].sample_names, 0.5, cfg.seed)
+    timesteps, layers = feature_selection(cfg, caches["train"])
+    layers = layers[1::5]  # a subset, in the fit's order
+    cached = cached_splits(cfg, caches, timesteps, layers, rows)
+    recomputed = trajectory_splits(cfg, caches, timesteps, layers, torch.device("cpu"), rows)
+    assert recomputed.train_size == cached.train_size == len(rows)
+    for split, epochs in (("train", (0, 1)), ("val", (0,))):
+        for epoch in epochs:
+            ours, theirs = list(getattr(recomputed, split)(epoch)), list(getattr(cached, split)(epoch))
+            assert [idx.tolist() for *_, idx in ours] == [idx.tolist() for *_, idx in theirs]
+            for (feats, labels, _), (stored, stored_labels, _) in zip(ours, theirs):
+                assert torch.equal(labels, stored_labels)
+                assert list(feats) == timesteps and all(list(feats[t]) == layers for t in timesteps)
+                for t in timesteps:
+                    for layer in layers:
+                        assert feats[t][layer].dtype == torch.float16
+                        assert_within_float16_rounding(feats[t][layer], stored[t][layer])
+
+
+@pytest.mark.parametrize("exp, fuser", [(exp, fuser) for exp in ("demo_cls", "demo_seg") for fuser in ("gw", "lw", "moe")])
+def test_a_fit_from_the_trajectory_equals_a_fit_from_the_maps(cached_demo, tmp_path, monkeypatch, exp, fuser):
+    from pipeline.backbone.extractor import FeatureExtractor
+
+    cfg = cached_demo(exp, fuser=fuser, max_train_epochs=1, layer_idxs=NO_1X1)
+    maps = fit(cfg, tmp_path / "maps", progress=False)  # the default source of a cache holding maps
+    passes = []
+    original = FeatureExtractor._stopped_pass
+    monkeypatch.setattr(FeatureExtractor, "_stopped_pass",
+                        lambda self, x, t, layers: passes.append(len(x)) or original(self, x, t, layers))
+    traj = fit(cfg, tmp_path / "traj", source="trajectory", progress=False)
+    assert (maps["source"], traj["source"]) == ("maps", "trajectory")
+    assert json.loads((tmp_path / "traj" / "metrics.json").read_text())["source"] == "trajectory"
+    history = lambda out: [float(row["train_loss"]) for row in csv.DictReader(open(out / "history.csv"))]  # noqa: E731
+    assert history(tmp_path / "traj") == pytest.approx(history(tmp_path / "maps"), rel=1e-4)
+    for split in ("val", "test"):
+        # Within float tolerance: fp16 rounding steps move a few segmentation pixels, never a whole image.
+        assert set(traj[split]) == set(maps[split])
+        for key, value in maps[split].items():
+            np.testing.assert_allclose(np.asarray(traj[split][key], float), np.asarray(value, float), rtol=1e-3, atol=1e-4,
+                                       err_msg=f"{split} {key}")
+    # 20 training images, val in training and for the best model, test, and val again for the LW/MoE
+    # summary: 3 timesteps each, one UNet pass per image and timestep, no VAE.
+    images = 20 + 2 * 8 + 8 + (8 if fuser != "gw" else 0)
+    ledger = traj["ledger"]
+    assert ledger["images_through_backbone"] == images and ledger["vae_passes"] == 0
+    assert ledger["unet_passes"] == sum(passes) == 3 * images
+    assert ledger["reference_unet_passes"] == maps["ledger"]["reference_unet_passes"] == 10 * (20 + 2 * 8 + 8)
+    assert maps["ledger"]["unet_passes"] == maps["ledger"]["images_through_backbone"] == 0
+
+
+def test_a_fit_from_the_trajectory_refuses_a_cache_of_another_backbone(cached_demo, tmp_path):
+    from pipeline.backbone.demo import build_demo_backbone
+    from pipeline.cache.store import CacheError
+
+    build_demo_backbone(tmp_path / "other", img_size=64, seed=1)  # the same architecture, other weights
+    cfg = cached_demo(pretrained_model_name_or_path=str(tmp_path / "other"), max_train_epochs=1)
+    built = open_split_caches(cfg)["train"].request["backbone"]["id"]
+    with pytest.raises(CacheError, match=rf"^cache \S+/train.zarr was built from backbone {built}, but "
+                       rf"\S+ names {tmp_path / 'other'} \(backbone [0-9a-f]{{16}}\); set pretrained_model_name_or_path "
+                       r"to the backbone the cache was built from, or re-extract with `satdifuser extract CONFIG "
+                       r"--overwrite`$"):
+        fit(cfg, tmp_path / "out", source="trajectory", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_fit_from_the_trajectory_refuses_other_extraction_settings(cached_demo, tmp_path):
+    from pipeline.cache.store import CacheMismatch
+
+    for key, value in (("prompt", "A map"), ("num_timesteps", 60), ("diffusion_mode", "generation")):
+        with pytest.raises(CacheMismatch, match=rf"extraction\.{key.replace('diffusion_', '')}"):
+            fit(cached_demo(**{key: value}), tmp_path / "out", source="trajectory", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def extract_tiers(cached_demo, tmp_path, store):
+    """Train, val and test caches holding ``store``; skipped while extraction writes every tier."""
+    from pipeline.extract import Extraction
+    from pipeline.cache.reader import open_cache
+
+    cfg = cached_demo(cache_dir=str(tmp_path / "cache"), store=store, max_train_epochs=1, layer_idxs=NO_1X1)
+    extraction = Extraction(cfg)
+    extraction.run("train", progress=False)
+    if open_cache(cfg.cache_path("train")).tiers != tuple(store):
+        pytest.skip("extraction does not write the tiers of `store` yet")
+    for split in ("val", "test"):
+        extraction.run(split, progress=False)
+    return cfg
+
+
+def test_a_trajectory_only_cache_fits_from_the_trajectory_by_default(cached_demo, tmp_path):
+    from pipeline.cache.store import CacheError
+
+    cfg = extract_tiers(cached_demo, tmp_path, ["trajectory"])
+    assert fit(cfg, tmp_path / "run", progress=False)["source"] == "trajectory"
+    with pytest.raises(CacheError, match=r"holds the tiers \['trajectory'\], not maps, which a fit with source maps "
+                       r"needs; add it from the stored trajectory with `satdifuser extract CONFIG --from-trajectory "
+                       r"--store maps`$"):
+        fit(cfg, tmp_path / "maps", source="maps", progress=False)
+
+
+def test_a_fit_from_the_trajectory_of_a_cache_without_one_is_refused(cached_demo, tmp_path):
+    from pipeline.cache.store import CacheError
+
+    cfg = extract_tiers(cached_demo, tmp_path, ["maps", "pooled"])
+    with pytest.raises(CacheError, match=r"holds the tiers \['maps', 'pooled'\], not trajectory, which a fit with "
+                       r"source trajectory needs; re-extract with `satdifuser extract CONFIG --overwrite --store "
+                       r"maps,pooled,trajectory`$"):
+        fit(cfg, tmp_path / "run", source="trajectory", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_fit_source(cached_demo, tmp_path):
+    cfg = cached_demo()
+    common = ["configs/demo_cls_exp.yaml", "--device", "cpu", "--no-progress", "--set", f"geobench_dir={cfg.geobench_dir}",
+              "--set", f"cache_dir={cfg.cache_dir}", "--set", "img_size=64", "--set", "projection_dim=128",
+              "--set", "batch_size=8", "--set", "max_train_epochs=1",
+              "--set", f"pretrained_model_name_or_path={cfg.pretrained_model_name_or_path}"]
+    runner = CliRunner()
+    result = runner.invoke(app, ["fit", *common, "--source", "trajectory", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["source"] == "trajectory"
+    both = runner.invoke(app, ["fit", *common, "--source", "maps", "--live", "--out", str(tmp_path / "both")])
+    assert both.exit_code == 2 and "error: --live and --source maps disagree; give one of them" in both.output
+    bad = runner.invoke(app, ["fit", *common, "--source", "pooled", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "'pooled' is not one of" in bad.output

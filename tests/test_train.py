@@ -8,7 +8,7 @@ from pipeline.backbone.layer_spec import LayerSpecError
 from pipeline.cache.batches import CacheBatches
 from pipeline.cache.reader import open_cache
 from pipeline.cache.store import CacheError
-from pipeline.fit import cached_splits, live_splits, open_split_caches
+from pipeline.fit import cached_splits, live_splits, open_split_caches, trajectory_splits
 from pipeline.model import FusionModel
 from pipeline.train import (
     INIT_LR, WarmupCosine, criterion, feature_selection, model_config, prepare_labels, to_device, train,
@@ -106,13 +106,16 @@ def test_cached_and_live_features_give_the_same_first_batch_loss(cached_demo, bu
     torch.manual_seed(0)
     model = FusionModel(model_config(cfg, {l: caches["train"].layer_shapes[l] for l in layers}, timesteps))
     losses = []
-    for splits in (cached_splits(cfg, caches, timesteps, layers), live_splits(cfg, timesteps, layers, torch.device("cpu"))):
+    for splits in (cached_splits(cfg, caches, timesteps, layers), live_splits(cfg, timesteps, layers, torch.device("cpu")),
+                   trajectory_splits(cfg, caches, timesteps, layers, torch.device("cpu"))):
         feats, labels, idx = next(splits.train(0))
         with torch.no_grad():
             logits, _ = model(feats)
         losses.append((criterion(cfg.task, cfg.ignore_index)(logits, prepare_labels(cfg.task, labels, "cpu")).item(), idx))
     assert np.array_equal(losses[0][1], losses[1][1])  # the same images in the same order
     assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-3)  # both are fp16 features of the same pass
+    # The extraction's own pass again, on other batches (CPU kernels round by batch): within fp16 rounding.
+    assert np.array_equal(losses[0][1], losses[2][1]) and losses[2][0] == pytest.approx(losses[0][0], rel=1e-5)
 
 
 def test_training_validates_mid_epoch_returns_to_train_mode_and_stops_early(cached_demo, tmp_path):

@@ -22,9 +22,9 @@ import torch
 
 from ..errors import UserError
 from .layer_spec import DEFAULT_LAYER_IDXS
-from .layers import Layer, as_map, capture, catalog, select_layers
+from .layers import ForwardStopped, Layer, as_map, capture, catalog, select_layers
 from .loader import DiffusionSat
-from .schedule import Schedule, label_key
+from .schedule import Schedule, label_key, label_of
 
 # Bumped whenever a change to this module changes the numbers it produces, so that caches made
 # by the earlier code are not taken for current ones.
@@ -178,6 +178,38 @@ class FeatureExtractor:
                     self._unet(x, t)
                     keep(label, x, store)
         return BatchFeatures(latents.cpu(), maps, pooled, trajectory)
+
+    @torch.no_grad()
+    def from_trajectory(self, trajectory: dict[str, torch.Tensor], layers: list[str] | None = None,
+                        pooled: bool = False, on_device: bool = False) -> tuple[dict, dict]:
+        """The maps (and, with ``pooled``, the pooled vectors) ``features`` makes, from the stored UNet
+        input x_t of each label: one UNet pass per label at that label's timestep, with only ``layers``
+        (default: all selected) hooked and the pass stopped after the last of them. Returns
+        ``(maps, pooled)`` keyed like ``BatchFeatures``; on the CPU unless ``on_device``."""
+        names = self.layer_names if layers is None else list(layers)
+        by_name = {layer.name: layer for layer in self.layers}
+        unknown = [name for name in names if name not in by_name]
+        if unknown or not names:
+            raise UserError(f"layers {unknown or '[]'} are not among the {len(by_name)} layers of the extraction's "
+                            "layer_idxs; ask for some of those")
+        hooked = [by_name[name] for name in names]
+        out = (lambda x: x) if on_device else (lambda x: x.cpu())  # noqa: E731
+        maps, pools = {}, {}
+        for key, x in trajectory.items():
+            t = self.schedule.unet_timestep(label_of(key, self.schedule.num_timesteps))
+            store = self._stopped_pass(x.to(self.device, torch.float32), t, hooked)
+            maps[key] = {name: out(as_map(store[name]).to(torch.float16)) for name in names}
+            if pooled:
+                pools[key] = {name: out(as_map(store[name]).float().mean(dim=(2, 3))) for name in names}
+        return maps, pools
+
+    def _stopped_pass(self, x: torch.Tensor, t: int, layers: list[Layer]) -> dict[str, torch.Tensor]:
+        with capture(layers, stop=True) as store:
+            try:
+                self._unet(x, t)
+            except ForwardStopped:
+                pass
+        return store
 
     def _ddim_step(self, x, eps, t: int, t_next: int) -> torch.Tensor:
         at = self.schedule.alpha_bar(t).to(self.device)

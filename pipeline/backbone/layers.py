@@ -74,19 +74,32 @@ def as_map(output: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"layer output of shape {tuple(output.shape)} is not supported")
 
 
+class ForwardStopped(Exception):
+    """Raised out of a forward pass by ``capture(..., stop=True)`` once every layer has its output."""
+
+
 @contextmanager
-def capture(layers: list[Layer]):
+def capture(layers: list[Layer], stop: bool = False):
     """Record each layer's output of the last forward pass in the yielded dict.
 
     The dict belongs to the caller and the hooks are removed on exit, so no module keeps
-    features or hooks once extraction is over (the reference stores them on the modules).
+    features or hooks once extraction is over (the reference stores them on the modules). With
+    ``stop``, the hook of whichever layer runs last in a pass raises ``ForwardStopped``, for the
+    caller to catch: what the UNet computes after it is not needed. Each module runs once per
+    UNet forward, so "every layer has its output" is "the last hooked module has run".
     """
     store: dict[str, torch.Tensor] = {}
     handles = []
+    names = {layer.name for layer in layers}
+    waiting = set(names)
 
     def hook_for(name):
         def hook(_module, _inputs, output):
             store[name] = output.detach()
+            waiting.discard(name)
+            if stop and not waiting:
+                waiting.update(names)  # the next pass waits for all of them again
+                raise ForwardStopped
 
         return hook
 

@@ -138,3 +138,12 @@ class Schedule:
 def label_key(label: int) -> str:
     """Cache key of a save_timesteps label: 47 -> 't47'."""
     return f"t{int(label)}"
+
+
+def label_of(key: str, num_timesteps: int) -> int:
+    """The save_timesteps label of a cache key ('t47' -> 47), refused outside the schedule's labels."""
+    label = int(key[1:]) if key[:1] == "t" and key[1:].isdigit() else -1
+    if not 0 <= label < num_timesteps:
+        raise UserError(f"{key!r} is not a timestep key of a {num_timesteps}-step schedule ('t0' to "
+                        f"'t{num_timesteps - 1}')")
+    return label

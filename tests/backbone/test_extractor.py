@@ -102,3 +102,66 @@ def test_metadata_reaches_the_unet_when_it_has_the_embedding(tiny_backbone):
     assert not torch.equal(zeros.maps["t49"][name], given.maps["t49"][name])
     with pytest.raises(ValueError, match="metadata has 2 values; the UNet expects num_metadata=7"):
         FeatureExtractor(with_md, ExtractionSettings(metadata=(1.0, 2.0)))
+
+
+@pytest.mark.parametrize("mode", ["inversion", "generation"])
+def test_maps_from_the_trajectory_equal_the_extraction_maps(model, mode):
+    extractor = FeatureExtractor(model, ExtractionSettings(mode=mode, latent="mean"))
+    torch.manual_seed(0)
+    out = extractor.features(torch.randn(3, 4, 8, 8), ["a", "b", "c"])
+    subset = ["up_blocks_1_attn1_1", "up_blocks_2_conv2_0"]
+    maps, pooled = extractor.from_trajectory(out.trajectory, subset, pooled=True)
+    assert sorted(maps) == sorted(pooled) == ["t40", "t45", "t47"]
+    for t in maps:
+        assert list(maps[t]) == subset
+        for name in subset:
+            assert maps[t][name].dtype == torch.float16 and pooled[t][name].dtype == torch.float32
+            # The same UNet input at the same timestep, in the same batch: the same bits.
+            assert torch.equal(maps[t][name], out.maps[t][name])
+            assert torch.equal(pooled[t][name], out.pooled[t][name])
+    only_maps, none = extractor.from_trajectory({"t45": out.trajectory["t45"]})
+    assert none == {} and list(only_maps) == ["t45"] and list(only_maps["t45"]) == extractor.layer_names
+
+
+def counting(module):
+    calls = []
+    return calls, module.register_forward_hook(lambda *a: calls.append(1))
+
+
+def no_hooks_left(unet):
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in unet.modules())
+
+
+def test_the_pass_from_the_trajectory_stops_after_the_last_hooked_layer(model):
+    extractor = FeatureExtractor(model, ExtractionSettings())
+    unet = model.unet
+    x = {"t47": torch.randn(2, 4, 8, 8), "t40": torch.randn(2, 4, 8, 8)}
+    hooks = [counting(m) for m in (unet.up_blocks[1], unet.up_blocks[2], unet.up_blocks[3], unet.conv_out)]
+    try:
+        extractor.from_trajectory(x, ["up_blocks_1_attn1_0", "up_blocks_2_conv2_1"])
+        # up_blocks[2] starts (its hooked conv2 is inside it) but never finishes; nothing after it runs.
+        assert [len(calls) for calls, _ in hooks] == [2, 0, 0, 0]
+        extractor.features(torch.randn(1, 4, 8, 8), ["a"])  # the full pass, for comparison
+        assert [len(calls) for calls, _ in hooks] == [12, 10, 10, 10]
+    finally:
+        for _, handle in hooks:
+            handle.remove()
+    assert no_hooks_left(unet)
+
+
+def test_the_pass_from_the_trajectory_leaves_no_hook_even_when_it_fails(model):
+    extractor = FeatureExtractor(model, ExtractionSettings())
+    with pytest.raises(RuntimeError):
+        extractor.from_trajectory({"t47": torch.randn(1, 3, 8, 8)}, ["up_blocks_3_conv2_2"])  # 3 channels, not 4
+    assert no_hooks_left(model.unet)
+    extractor.from_trajectory({"t47": torch.randn(1, 4, 8, 8)}, ["up_blocks_1_attn1_0"])
+    assert no_hooks_left(model.unet)
+
+
+def test_the_trajectory_pass_refuses_layers_and_timesteps_the_extraction_does_not_have(model):
+    extractor = FeatureExtractor(model, ExtractionSettings(layer_idxs={"up_blocks": {"attn1": "all", "conv2": []}}))
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"layers \['up_blocks_3_conv2_2'\] are not among the 9 layers"):
+        extractor.from_trajectory({"t47": x}, ["up_blocks_3_conv2_2"])
+    with pytest.raises(ValueError, match="'t50' is not a timestep key of a 50-step schedule"):
+        extractor.from_trajectory({"t50": x})
