@@ -202,6 +202,8 @@ class Config:
     resume_from: str | None = _field(None, _optional(_str))
     cache_dir: str = _field("cache", _str, ours=True)
     preload_max_gb: float = _field(4.0, _number, ours=True)
+    # Recompute the projections' activations in the backward pass instead of keeping them.
+    checkpoint_projections: bool = _field(False, _bool, ours=True)
     shuffle_buffer_shards: int = _field(0, _int(0), ours=True)
     shard_size: int = _field(64, _int(1), ours=True)
     codec: str = _field("blosc-lz4", _choice("blosc-lz4", "blosc-zstd", "zstd", "none"), ours=True)

@@ -150,6 +150,9 @@ def train(cfg: Config, model: FusionModel, splits: Splits, out_dir: Path, device
 
     from .resume import restore, save_state
 
+    from .fusion.fusers import checkpoint_projections
+
+    checkpoint_projections(model, cfg.checkpoint_projections)
     task = cfg.task
     select = SELECTION[task]
     output_shape = (cfg.original_img_size, cfg.original_img_size) if task == "segmentation" else None

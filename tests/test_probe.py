@@ -156,6 +156,16 @@ def test_memory_guard_names_the_settings_to_lower(seg_caches):
         Probe(seg_caches, "segmentation", 4, ProbeSettings(max_gb=1e-5))
 
 
+def test_memory_guard_names_a_pixel_sample_that_fits(seg_caches):
+    dims = sum(s[0] for s in seg_caches["train"].layer_shapes.values()) * len(seg_caches["train"].timesteps)
+    max_gb = 64 * 5 * dims * 8 / 2**30  # 64 images: 5 pixels each fit, and not 6
+    with pytest.raises(ProbeError, match=r"a sample of 5 pixels per image fits: --set seg_pixels=5 --set seg_eval_pixels=5"):
+        Probe(seg_caches, "segmentation", 4, ProbeSettings(max_gb=max_gb * 1.01))
+    Probe(seg_caches, "segmentation", 4, ProbeSettings(max_gb=max_gb * 1.01, seg_pixels=5, seg_eval_pixels=5))
+    with pytest.raises(ProbeError, match=r"even one pixel per image needs"):
+        Probe(seg_caches, "segmentation", 4, ProbeSettings(max_gb=1e-5))
+
+
 @pytest.mark.parametrize("values, message", [
     ({"c_grid": []}, "c_grid .* must be a list of positive numbers"),
     ({"c_grid": [1, -1]}, "c_grid"),

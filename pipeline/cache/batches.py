@@ -80,10 +80,12 @@ class CacheBatches:
     def read(self, idx: np.ndarray) -> tuple[dict, torch.Tensor, np.ndarray]:
         if self.preload:
             if self._memory is None:
-                every = np.arange(len(self.cache))
-                self._memory = (self.cache.features(every, self.timesteps, self.layers), self.cache.labels(every))
-            feats, labels = self._memory
-            rows = torch.from_numpy(idx)
+                # Only the rows this source serves: a limited_label fit of a few percent of a large
+                # split must not hold the whole split (nbytes, which decides preloading, counts these).
+                held = np.unique(self.indices)
+                self._memory = (held, self.cache.features(held, self.timesteps, self.layers), self.cache.labels(held))
+            held, feats, labels = self._memory
+            rows = torch.from_numpy(np.searchsorted(held, idx))
             return {t: {l: x[rows] for l, x in d.items()} for t, d in feats.items()}, labels[rows], idx
         return self.cache.features(idx, self.timesteps, self.layers), self.cache.labels(idx), idx
 

@@ -13,6 +13,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .bottleneck import projection
 
@@ -31,8 +32,21 @@ def group_by_scale(layer_shapes: dict) -> "OrderedDict[int, list[str]]":
     return OrderedDict((w, [l for l, s in layer_shapes.items() if s[-1] == w]) for w in widths)
 
 
+def run_projection(phi: nn.Module, build, inputs: list[torch.Tensor], keep_activations: bool) -> torch.Tensor:
+    """``phi(build(*inputs))``; with ``keep_activations`` off, the projection's inner activations are
+    not kept for the backward pass but recomputed there (activation checkpointing). The numbers
+    are the same (Φ has no randomness and no running statistics); a training step holds only the
+    projections' inputs and outputs, at the cost of running each Φ forward twice."""
+    if keep_activations or not torch.is_grad_enabled():
+        return phi(build(*inputs))
+    return checkpoint(lambda *xs: phi(build(*xs)), *inputs, use_reentrant=False)
+
+
 class Fuser(nn.Module):
     """What the three fusers share: the layer/timestep bookkeeping."""
+
+    # A training-time memory setting (checkpoint_projections), not part of the model.
+    keep_activations = True
 
     def __init__(self, layer_shapes: dict, timesteps, projection_dim: int):
         super().__init__()
@@ -56,7 +70,8 @@ class Fuser(nn.Module):
         (convolution and GroupNorm act per sample) from a third of the calls.
         """
         phi = self.bottleneck_layers[self.layers.index(layer)]
-        return list(phi(torch.cat(maps).float()).chunk(len(maps)))
+        joined = run_projection(phi, lambda *xs: torch.cat(xs).float(), maps, self.keep_activations)
+        return list(joined.chunk(len(maps)))
 
 
 class GlobalWeightedFuser(Fuser):
@@ -134,6 +149,10 @@ class ExpertsPerScale(nn.Module):
         self.temperature = nn.Parameter(torch.tensor(1.0))
         self.top_k = top_k
         self.projection_dim = projection_dim
+        self.keep_activations = True  # see checkpoint_projections
+
+    def _expert(self, expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return run_projection(expert, lambda v: v, [x], self.keep_activations)
 
     def forward(self, x: torch.Tensor, dense: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.gate_network(x) / self.temperature
@@ -144,7 +163,7 @@ class ExpertsPerScale(nn.Module):
         out = x.new_zeros(b, self.projection_dim, h, w)
         if dense:
             for e, expert in enumerate(self.experts):
-                out = out + probs[:, e].view(b, 1, 1, 1) * expert(x)
+                out = out + probs[:, e].view(b, 1, 1, 1) * self._expert(expert, x)
             return out, balance, usage.detach()
         top_logits, top_idx = torch.topk(logits, k=self.top_k, dim=1)
         top_w = F.softmax(top_logits, dim=1)
@@ -153,7 +172,7 @@ class ExpertsPerScale(nn.Module):
             rows = chosen.any(dim=1)
             if rows.any():
                 weight = (top_w * chosen).sum(dim=1)[rows].view(-1, 1, 1, 1)
-                out[rows] += weight * expert(x[rows])
+                out[rows] += weight * self._expert(expert, x[rows])
         routed = F.one_hot(top_idx, len(self.experts)).sum(dim=1).float().mean(dim=0)
         return out, balance, routed.detach()
 
@@ -191,6 +210,14 @@ class MoEFuser(Fuser):
         # Mean over scales and timesteps (the reference resets its sum per scale and so averages
         # only the last scale's terms; with the default weight 0 the value is not used).
         return out, {"balance_loss": torch.stack(balance).mean(), "expert_usage": torch.stack(usage), "dense": dense}
+
+
+def checkpoint_projections(model: nn.Module, on: bool) -> None:
+    """Recompute every projection's inner activations in the backward pass instead of keeping
+    them (``run_projection``), in every fuser and MoE scale of ``model``."""
+    for module in model.modules():
+        if isinstance(module, (Fuser, ExpertsPerScale)):
+            module.keep_activations = not on
 
 
 def build_fuser(kind: str, layer_shapes: dict, timesteps, projection_dim: int, num_experts: int = 8,

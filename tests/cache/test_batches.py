@@ -82,3 +82,18 @@ def test_buffered_epochs_read_whole_shards_once(cache, monkeypatch):
     reads.clear()
     list(CacheBatches(cache, 5, layers=["up_blocks_3_conv2_2"], shuffle=True, seed=2).epoch(0))
     assert len(reads) > 12  # the full shuffle reads parts of shards, batch by batch
+
+
+def test_preloading_holds_only_the_rows_it_serves(cache):
+    rows = np.array([17, 2, 9, 3, 21])
+    preloaded = CacheBatches(cache, 2, shuffle=True, seed=1, indices=rows, preload=True)
+    streamed = CacheBatches(cache, 2, shuffle=True, seed=1, indices=rows)
+    for (f0, l0, i0), (f1, l1, i1) in zip(preloaded.epoch(0), streamed.epoch(0), strict=True):
+        assert np.array_equal(i0, i1) and torch.equal(l0, l1)
+        for t in ("t47", "t40"):
+            for layer in SHAPES:
+                assert torch.equal(f0[t][layer], f1[t][layer])
+    held, feats, labels = preloaded._memory
+    assert held.tolist() == [2, 3, 9, 17, 21]
+    assert len(labels) == 5 and all(len(x) == 5 for d in feats.values() for x in d.values())
+    assert preloaded.nbytes() == 5 * 2 * (8 * 4 * 4 + 4 * 8 * 8) * 2

@@ -222,3 +222,45 @@ def test_lw_paper_input_gives_each_bottleneck_its_own_layer():
 def test_lw_input_mode_is_checked():
     with pytest.raises(ValueError, match="input_mode 'ref' is not one of"):
         LocalWeightedFuser(UNEVEN, ["t47"], projection_dim=128, input_mode="ref")
+
+
+def saved_bytes_and_grads(model, x, output_shape):
+    """Loss, gradients and the bytes autograd kept for the backward pass of one training step."""
+    kept = []
+
+    def pack(t):
+        kept.append(t.numel() * t.element_size())
+        return t
+
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits, _ = model(x, output_shape)
+        loss = logits.float().square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sum(kept)
+
+
+@pytest.mark.parametrize("fuser, head", [("gw", "linear"), ("lw", "upernet"), ("moe", "linear"), ("moe", "upernet")])
+def test_checkpointed_projections_give_the_same_step_and_keep_less(fuser, head):
+    from pipeline.fusion.fusers import checkpoint_projections
+
+    torch.manual_seed(0)
+    config = ModelConfig(fuser, head, SMALL, ["t47", "t40"], 3, projection_dim=128, num_experts=4,
+                         moe_warmup_steps=1, channels=32)
+    model = FusionModel(config).train()
+    x = feats(batch=3)
+    shape = (8, 8) if head == "upernet" else None
+    for step in range(2):  # MoE: the dense warm-up step, then a routed one
+        runs = []
+        for on in (False, True):
+            if fuser == "moe":
+                model.fuser.train_steps.fill_(step)
+            checkpoint_projections(model, on)
+            torch.manual_seed(step)  # UPerNet's dropout draws the same in both
+            runs.append(saved_bytes_and_grads(model, x, shape))
+        (loss, grads, kept), (loss_c, grads_c, kept_c) = runs
+        torch.testing.assert_close(loss_c, loss, rtol=0, atol=0)
+        assert grads_c.keys() == grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-6, atol=1e-7)
+        assert kept_c < 0.7 * kept
