@@ -69,6 +69,26 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def storage_overrides(store: str | None, map_encoding: str | None) -> dict:
+    """The config keys ``store`` and ``map_encoding`` from ``--store a,b`` and ``--map-encoding``."""
+    from pipeline.cache.layout import map_encoding_problem, tiers_problem
+    from pipeline.errors import UserError
+
+    out = {}
+    if store is not None:
+        tiers = [t.strip() for t in store.split(",")]
+        problem = tiers_problem(tiers)
+        if problem:
+            raise UserError(f"--store {store!r}: {problem}; write e.g. --store maps,pooled")
+        out["store"] = tiers
+    if map_encoding is not None:
+        problem = map_encoding_problem(map_encoding)
+        if problem:
+            raise UserError(f"--map-encoding: {problem}")
+        out["map_encoding"] = map_encoding
+    return out
+
+
 ConfigArg = Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Experiment config (configs/*_exp.yaml).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: key=value (repeatable).")]
 
@@ -82,6 +102,8 @@ def extract(
     overwrite: Annotated[bool, typer.Option(help="Replace a cache built with other settings.")] = False,
     repair: Annotated[bool, typer.Option(help="Verify the cache (every checksum) and re-extract the shards found damaged.")] = False,
     wait: Annotated[bool, typer.Option(help="If another extraction is writing the cache, wait for it instead of stopping.")] = False,
+    store: Annotated[Optional[str], typer.Option(help="Tiers to store, comma-separated: maps,pooled,trajectory (default: the config's store).")] = None,
+    map_encoding: Annotated[Optional[str], typer.Option(help="float16 (exact), bitround-K (K = 1..9 mantissa bits kept) or uint8 (default: the config's).")] = None,
     set_: SetOpt = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
@@ -96,6 +118,7 @@ def extract(
         overrides = parse_overrides(set_ or [])
         if cache_dir:
             overrides["cache_dir"] = cache_dir
+        overrides.update(storage_overrides(store, map_encoding))
         extraction = Extraction(load_config(config, overrides), device)
         splits = ["train", "val", "test"] if split is Split.all else [split.value]
         for name in splits:
@@ -216,14 +239,24 @@ def cache_info(
 def format_info(info: dict) -> str:
     mib = 1 << 20
     ds, ex = info["dataset"], info["extraction"]
+    tiers = ", ".join(info["tiers"]) + (f"; maps {info['map_encoding']}" if info["map_encoding"] else "")
+    per_tier = ", ".join(f"{t} {b / 1024:.1f}" for t, b in info["bytes_per_image_by_tier"].items())
     lines = [
         f"cache        {info['path']}",
         f"samples      {info['done']} of {info['num_samples']} done ({ds['name']} / {ds['split']}, partition {ds['partition']})",
         f"backbone     {info['backbone']}  ({ex['mode']}, {ex['num_timesteps']} steps, {ex['precision']}, prompt {ex['prompt']!r})",
         "timesteps    " + ", ".join(f"{k} (UNet t={v})" for k, v in info["timesteps"].items()),
-        f"on disk      {info['bytes_on_disk'] / mib:.1f} MiB, {info['bytes_per_image'] / 1024:.1f} KiB per image; "
+        f"tiers        {tiers}",
+        f"on disk      {info['bytes_on_disk'] / mib:.1f} MiB, {info['bytes_per_image'] / 1024:.1f} KiB per image ({per_tier} KiB); "
         f"features {info['feature_bytes_on_disk'] / mib:.1f} MiB of {info['feature_bytes_raw_fp16'] / mib:.1f} MiB fp16 "
         f"(ratio {info['compression_ratio']}, codec {info['codec']}, shards of {info['shard_size']})",
+    ]
+    errors = info["map_error"]
+    if errors:
+        worst = errors["worst"]
+        lines.append(f"map error    worst relative L2 {100 * worst['rel_l2']:.3f} % ({worst['layer']}), max abs "
+                     f"{errors['max_abs']:.4g}, against the exact float16 maps of {worst['images']} images")
+    lines += [
         f"cost         {info['unet_passes_per_image']} UNet passes per image; ledger {info['ledger']}",
         f"created      {info['created']} (code {info['code_version']})",
     ]
@@ -232,8 +265,18 @@ def format_info(info: dict) -> str:
         lines.append(f"problem      {len(lacking)} shard(s) marked done lack stored objects ({sorted(lacking)}); "
                      f"`satdifuser cache verify {info['path']}` names them")
     lines.append(f"layers       {len(info['layers'])} (layer_idxs {info['layer_idxs']}):")
-    lines += [f"  {name:<24} {'x'.join(map(str, shape))}" for name, shape in info["layers"].items()]
+    lines += [f"  {name:<24} {'x'.join(map(str, shape)):<12}{_layer_error(errors, name)}".rstrip()
+              for name, shape in info["layers"].items()]
     return "\n".join(lines)
+
+
+def _layer_error(errors: dict, layer: str) -> str:
+    """The layer's worst error over its timesteps, as `cache info` lists it."""
+    mine = {k: e for k, e in (errors.get("per_layer") or {}).items() if k.split("/", 1)[1] == layer}
+    if not mine:
+        return ""
+    rel, max_abs = max(e["rel_l2"] for e in mine.values()), max(e["max_abs"] for e in mine.values())
+    return f" relative L2 {100 * rel:.3f} %, max abs {max_abs:.4g} (worst of {len(mine)} timesteps)"
 
 
 @cache_app.command("verify")

@@ -18,7 +18,10 @@ from . import __version__
 from .backbone.extractor import EXTRACTION_VERSION, BatchFeatures, ExtractionSettings, FeatureExtractor, precision
 from .backbone.loader import BackboneSpec, fingerprint, load_diffusionsat, read_scheduler_config
 from .backbone.schedule import Schedule, label_key
-from .cache.layout import ATTRS_KEY, CachePlan, array_specs, feature_path, pooled_path, trajectory_path
+from .cache.layout import (
+    ATTRS_KEY, EXACT_ENCODING, CachePlan, array_specs, feature_path, ordered_tiers, pooled_path, trajectory_path,
+)
+from .cache.reader import lacking_tiers
 from .cache.lock import WriterLock
 from .cache.store import CacheError, CacheMismatch, check_location, is_url
 from .cache.writer import CacheWriter, lacking_objects
@@ -65,8 +68,13 @@ def extraction_settings(cfg: Config) -> ExtractionSettings:
 
 
 def extraction_request(cfg: Config, schedule: Schedule, device: torch.device) -> dict:
-    """The extraction half of a cache's provenance: what decides the numbers it holds."""
-    return {
+    """The extraction half of a cache's provenance: what decides the numbers it holds.
+
+    A lossy ``map_encoding`` is part of it (its maps are other numbers); the exact one is left out,
+    so caches written before encodings existed answer the same request. The tiers are not: they
+    are what a cache holds (its plan), and a cache holding more than asked serves the request.
+    """
+    request = {
         "version": EXTRACTION_VERSION,
         "mode": cfg.diffusion_mode,
         "num_timesteps": cfg.num_timesteps,
@@ -83,6 +91,9 @@ def extraction_request(cfg: Config, schedule: Schedule, device: torch.device) ->
         "codec": cfg.codec,
         "shard_size": cfg.shard_size,
     }
+    if cfg.map_encoding != EXACT_ENCODING:
+        request["map_encoding"] = cfg.map_encoding
+    return request
 
 
 @dataclass
@@ -168,9 +179,10 @@ class Extraction:
             return _run(cfg, dataset, self.extractor, writer, progress, lock)
 
     def _reopen(self, path: str, request: dict, replace_mismatched: bool, mode: str) -> CacheWriter | None:
-        """The cache at ``path`` built for ``request``; None when there is none or it is to be replaced."""
+        """The cache at ``path`` built for ``request`` and holding the tiers of ``store``; None when there
+        is none or it is to be replaced."""
         try:
-            return CacheWriter.reopen(path, request, self.storage_options, mode)
+            writer = CacheWriter.reopen(path, request, self.storage_options, mode)
         except CacheMismatch as err:
             if not replace_mismatched or all(d.startswith("extraction.precision") for d in err.diffs):
                 raise CacheMismatch(path, err.diffs, "pass --overwrite to rebuild it, or run on the device "
@@ -178,6 +190,16 @@ class Extraction:
             if mode != "r":  # said once, by the run that replaces it
                 log.warning("replacing %s, built with other settings: %s", path, "; ".join(err.diffs))
             return None
+        if writer is None:
+            return None
+        lacking = [t for t in ordered_tiers(self.cfg.store) if not writer.plan.holds(t)]
+        if not lacking:
+            return writer
+        if not replace_mismatched:
+            raise lacking_tiers(path, writer.plan.tiers, lacking, f"store {','.join(ordered_tiers(self.cfg.store))}")
+        if mode != "r":
+            log.warning("replacing %s, which holds the tiers %s, not %s", path, list(writer.plan.tiers), lacking)
+        return None
 
     def _complete(self, path: str, request: dict, replace_mismatched: bool) -> bool:
         """Whether the cache at ``path`` holds every shard of ``request``, checked without writing."""
@@ -200,6 +222,7 @@ class Extraction:
             timesteps=tuple(label_key(s) for s in cfg.save_timesteps),
             layer_shapes=self.extractor.layer_shapes(latent), latent_shape=(4, latent, latent),
             label_shape=tuple(first["label"].shape), label_dtype=str(first["label"].dtype), codec=cfg.codec,
+            tiers=ordered_tiers(cfg.store), map_encoding=cfg.map_encoding,
         )
 
 
@@ -271,14 +294,19 @@ def _mend(writer: CacheWriter, repair: bool, storage_options: dict | None) -> No
         writer.clear_done(damaged)
 
 
-def _shard_arrays(parts: list[BatchFeatures], labels: list[np.ndarray], names: list[str]) -> dict:
-    arrays = {"latents": torch.cat([p.latents for p in parts]).numpy(),
-              "labels": np.concatenate(labels), "sample_names": np.asarray(names, dtype=object)}
+def _shard_arrays(plan: CachePlan, parts: list[BatchFeatures], labels: list[np.ndarray], names: list[str]) -> dict:
+    """The arrays of one shard for the tiers ``plan`` holds; maps exact (the writer encodes them)."""
+    arrays = {"labels": np.concatenate(labels), "sample_names": np.asarray(names, dtype=object)}
+    if plan.holds("trajectory"):
+        arrays["latents"] = torch.cat([p.latents for p in parts]).numpy()
     for t in parts[0].maps:
-        arrays[trajectory_path(t)] = torch.cat([p.trajectory[t] for p in parts]).numpy()
+        if plan.holds("trajectory"):
+            arrays[trajectory_path(t)] = torch.cat([p.trajectory[t] for p in parts]).numpy()
         for layer in parts[0].maps[t]:
-            arrays[feature_path(t, layer)] = torch.cat([p.maps[t][layer] for p in parts]).numpy()
-            arrays[pooled_path(t, layer)] = torch.cat([p.pooled[t][layer] for p in parts]).numpy()
+            if plan.holds("maps"):
+                arrays[feature_path(t, layer)] = torch.cat([p.maps[t][layer] for p in parts]).numpy()
+            if plan.holds("pooled"):
+                arrays[pooled_path(t, layer)] = torch.cat([p.pooled[t][layer] for p in parts]).numpy()
     return arrays
 
 
@@ -335,7 +363,7 @@ def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter,
                 work = {"unet_passes": n * passes, "vae_passes": n, "images_extracted": n,
                         "extract_seconds": now - shard_started}
                 shard_started = now
-                pending = background.submit(_write_and_count, writer, shard, _shard_arrays(parts, labels, names),
+                pending = background.submit(_write_and_count, writer, shard, _shard_arrays(plan, parts, labels, names),
                                             work, lock)
                 parts, labels, names = [], [], []
                 shard = next(shard_iter, None)

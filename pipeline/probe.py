@@ -271,6 +271,10 @@ class Probe:
 
     def __init__(self, caches: dict, task: str, num_classes: int, settings: ProbeSettings = ProbeSettings()):
         self.task, self.num_classes, self.settings = task, num_classes, settings
+        # Segmentation probes read maps, the others pooled vectors: a cache without them is refused
+        # here, in one line, before anything is read.
+        for cache in caches.values():
+            cache.require("maps" if task == "segmentation" else "pooled", f"a {task.replace('_', '-')} probe")
         self.timesteps, self.layers = list(caches["train"].timesteps), list(caches["train"].layers)
         self.grid = seg_grid(caches["train"], settings) if task == "segmentation" else 0
         self._check_memory(caches)

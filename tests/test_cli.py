@@ -194,3 +194,32 @@ def test_probe_of_a_missing_cache(tmp_path):
     result = runner.invoke(app, ["probe", "--cache", str(tmp_path / "none"), "--out", str(tmp_path / "p")])
     assert result.exit_code == 2 and result.output.startswith(f"error: --cache {tmp_path / 'none'}: ")
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_store_and_map_encoding_reach_the_extraction_and_bad_values_are_one_line(exp_file, tmp_path):
+    cases = [
+        (["--store", "maps,pooeld"], "--store 'maps,pooeld': store ['maps', 'pooeld'] is not a non-empty list of "
+         "distinct tiers from ['maps', 'pooled', 'trajectory']; write e.g. --store maps,pooled"),
+        (["--store", "maps,maps"], "is not a non-empty list of distinct tiers"),
+        (["--map-encoding", "bitround-12"], "--map-encoding: map_encoding 'bitround-12' is not float16 (exact), "
+         "bitround-K (K = 1..9 mantissa bits kept) or uint8"),
+    ]
+    for extra, message in cases:
+        result = runner.invoke(app, ["extract", str(exp_file), "--split", "test", "--device", "cpu", *extra])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (extra, result.output)
+        assert message in result.output and result.output.count("\n") == 1, result.output
+    assert not (tmp_path / "cache").exists()
+
+    result = runner.invoke(app, ["extract", str(exp_file), "--split", "test", "--device", "cpu", "--no-progress",
+                                 "--store", "maps,pooled", "--map-encoding", "bitround-5",
+                                 "--set", "layer_idxs={up_blocks: {attn1: [[1, 0]], conv2: []}}"])
+    assert result.exit_code == 0, result.output
+    cache = tmp_path / "cache" / "demo-landcover" / "test.zarr"
+    info = runner.invoke(app, ["cache", "info", str(cache)])
+    assert "tiers        maps, pooled; maps bitround-5" in info.output
+    assert "map error    worst relative L2 " in info.output and "(t4" in info.output
+    assert " relative L2 " in info.output.splitlines()[-1]  # the layer's own line
+    as_json = json.loads(runner.invoke(app, ["cache", "info", str(cache), "--json"]).output)
+    assert as_json["tiers"] == ["maps", "pooled"] and set(as_json["bytes_per_image_by_tier"]) == {"maps", "pooled", "labels"}
+    assert as_json["extraction"]["map_encoding"] == "bitround-5"
+    assert runner.invoke(app, ["cache", "verify", str(cache)]).exit_code == 0

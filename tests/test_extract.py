@@ -371,3 +371,107 @@ def test_a_deleted_array_is_created_again_and_its_shards_extracted(make_config, 
     a, b = all_arrays(whole.path), all_arrays(path)
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def stored_arrays(path: str) -> set[str]:
+    return set(all_arrays(path))
+
+
+@pytest.mark.parametrize("store, held", [
+    (["pooled"], {"pooled"}),
+    (["trajectory"], {"trajectory", "latents"}),
+    (["trajectory", "maps"], {"features", "trajectory", "latents"}),
+])
+def test_store_writes_only_the_arrays_of_its_tiers(make_config, store, held):
+    cfg = make_config(store=store, layer_idxs={"up_blocks": {"attn1": [[1, 0]], "conv2": [[3, 2]]}})
+    result = extract_split(cfg, "val", progress=False)
+    assert result.extracted == 8
+    names = stored_arrays(result.path)
+    assert {n.split("/")[0] for n in names} == held | {"labels", "sample_names", "done"}
+    cache = open_cache(result.path)
+    assert cache.tiers == tuple(t for t in ("maps", "pooled", "trajectory") if t in store)
+    assert verify_cache(cache) == []
+    assert len(cache.sample_names) == 8 and all(cache.sample_names)
+
+
+def test_a_pooled_only_cache_holds_the_pooled_vectors_of_a_full_one(make_config, tmp_path):
+    full = open_cache(extract_split(make_config(), "val", progress=False).path)
+    pooled = open_cache(extract_split(make_config(store=["pooled"]), "val", path=str(tmp_path / "p.zarr"),
+                                      progress=False).path)
+    for t, by_layer in full.pooled(range(8)).items():
+        for layer, want in by_layer.items():
+            torch.testing.assert_close(pooled.pooled(range(8))[t][layer], want, rtol=0, atol=1e-5)
+    with pytest.raises(CacheError) as err:
+        pooled.features([0])
+    assert str(err.value) == (f"cache {pooled.path} holds the tiers ['pooled'], not maps, which reading feature maps "
+                              "needs; re-extract with `satdifuser extract CONFIG --overwrite --store maps,pooled`")
+    with pytest.raises(CacheError, match=r"not trajectory, which reading latents needs"):
+        pooled.latents([0])
+
+
+def test_asking_for_fewer_tiers_than_held_finds_the_cache_complete(make_config):
+    path = extract_split(make_config(), "val", progress=False).path
+    before = {p: p.stat().st_mtime_ns for p in __import__("pathlib").Path(path).rglob("*")}
+    again = extract_split(make_config(store=["pooled"]), "val", progress=False)
+    assert again.extracted == 0
+    assert {p: p.stat().st_mtime_ns for p in __import__("pathlib").Path(path).rglob("*")} == before
+
+
+def test_asking_for_a_tier_the_cache_lacks_is_one_line_with_the_fix(make_config):
+    extract_split(make_config(store=["pooled", "trajectory"]), "val", progress=False)
+    with pytest.raises(CacheError) as err:
+        extract_split(make_config(), "val", progress=False)
+    path = make_config().cache_path("val")
+    assert str(err.value) == (f"cache {path} holds the tiers ['pooled', 'trajectory'], not maps, which store "
+                              "maps,pooled,trajectory needs; add it from the stored trajectory with `satdifuser extract "
+                              "CONFIG --from-trajectory --store maps`")
+    extract_split(make_config(store=["pooled"]), "test", progress=False)
+    with pytest.raises(CacheError, match=r"holds the tiers \['pooled'\], not trajectory, which store pooled,trajectory "
+                       r"needs; re-extract with `satdifuser extract CONFIG --overwrite --store pooled,trajectory`$"):
+        extract_split(make_config(store=["trajectory", "pooled"]), "test", progress=False)
+    replaced = extract_split(make_config(), "val", replace_mismatched=True, progress=False)  # as the DVC stage
+    assert replaced.extracted == 8 and open_cache(replaced.path).tiers == ("maps", "pooled", "trajectory")
+
+
+def test_the_default_request_is_the_one_caches_were_built_with(make_config):
+    from pipeline.extract import Extraction, extraction_request
+
+    extraction = Extraction(make_config())
+    request = extraction_request(make_config(), extraction.schedule, extraction.device)
+    assert list(request) == ["version", "mode", "num_timesteps", "save_timesteps", "unet_timesteps", "layer_idxs",
+                             "prompt", "img_size", "latent", "seed", "metadata", "precision", "feature_dtype", "codec",
+                             "shard_size"]
+    assert request == extraction_request(make_config(store=["pooled"]), extraction.schedule, extraction.device)
+    lossy = extraction_request(make_config(map_encoding="bitround-7"), extraction.schedule, extraction.device)
+    assert lossy == {**request, "map_encoding": "bitround-7"}
+
+
+def test_a_lossy_cache_is_never_resumed_as_an_exact_one_nor_the_reverse(make_config):
+    extract_split(make_config(map_encoding="uint8"), "val", progress=False)
+    with pytest.raises(CacheError, match=r"extraction.map_encoding: cache 'uint8', requested 'float16'"):
+        extract_split(make_config(), "val", progress=False)
+    with pytest.raises(CacheError, match=r"extraction.map_encoding: cache 'uint8', requested 'bitround-7'"):
+        extract_split(make_config(map_encoding="bitround-7"), "val", progress=False)
+    extract_split(make_config(), "test", progress=False)
+    with pytest.raises(CacheError, match=r"extraction.map_encoding: cache 'float16', requested 'uint8'"):
+        extract_split(make_config(map_encoding="uint8"), "test", progress=False)
+
+
+@pytest.mark.parametrize("encoding", ["bitround-6", "uint8"])
+def test_a_lossy_extraction_records_the_error_of_its_maps_against_the_exact_ones(make_config, tmp_path, encoding):
+    from pipeline.cache.audit import map_errors
+
+    exact = open_cache(extract_split(make_config(), "val", progress=False).path)
+    lossy = open_cache(extract_split(make_config(map_encoding=encoding), "val", path=str(tmp_path / "l.zarr"),
+                                     progress=False).path)
+    assert lossy.map_encoding == encoding and lossy.request["extraction"]["map_encoding"] == encoding
+    errors = map_errors(lossy)["per_layer"]
+    want, got = exact.features(range(8)), lossy.features(range(8))
+    for t in exact.timesteps:
+        for layer in exact.layers:
+            x = want[t][layer].double().numpy()
+            err = got[t][layer].double().numpy() - x
+            recorded = errors[f"{t}/{layer}"]
+            assert recorded["max_abs"] == float(np.abs(err).max())
+            assert recorded["rel_l2"] == pytest.approx(np.sqrt((err**2).sum() / (x**2).sum()), rel=1e-9)
+    assert verify_cache(lossy) == []

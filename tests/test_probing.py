@@ -146,3 +146,24 @@ def test_a_probe_on_a_cache_with_a_missing_or_corrupt_pooled_chunk_stops_with_on
     assert missing.exit_code == 2 and "rows 8-15: its stored object pooled/t45/up_blocks_2_attn1_1/c/1/0 is " \
         "missing; run `satdifuser cache verify" in missing.output
     assert not (out / "metrics.json").exists()
+
+
+def test_a_pooled_only_cache_is_probed_end_to_end_and_a_segmentation_probe_asks_for_maps(make_config, tmp_path):
+    from pipeline.cache.store import CacheError
+    from pipeline.extract import Extraction
+
+    for exp in ("demo_cls", "demo_seg"):
+        extraction = Extraction(make_config(exp, store=["pooled"], layer_idxs={"up_blocks": {"attn1": [[1, 0]],
+                                                                                              "conv2": [[3, 2]]}}))
+        for split in ("train", "val", "test"):
+            extraction.run(split, progress=False)
+    cls = Path(make_config("demo_cls").cache_path("train")).parent
+    metrics = run_probe(cls, tmp_path / "cls", FAST)
+    assert metrics["task"] == "classification" and 0 <= metrics["all"]["test"] <= 1
+    assert (tmp_path / "cls" / "probe_map.csv").exists()
+    seg = Path(make_config("demo_seg").cache_path("train")).parent
+    with pytest.raises(CacheError) as err:
+        run_probe(seg, tmp_path / "seg", FAST)
+    assert str(err.value) == (f"cache {seg}/train.zarr holds the tiers ['pooled'], not maps, which a segmentation probe "
+                              "needs; re-extract with `satdifuser extract CONFIG --overwrite --store maps,pooled`")
+    assert not (tmp_path / "seg" / "metrics.json").exists()

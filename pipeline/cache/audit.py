@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .layout import array_specs, feature_path, pooled_path
+from .encoding import relative_l2, uint8_decode
+from .layout import EXACT_ENCODING, array_specs, feature_path, feature_scale_path, pooled_path
 from .reader import FeatureCache
 from .store import CacheError, DamagedData
 from .writer import lacking_objects
@@ -16,24 +17,54 @@ def _stored_bytes(array) -> int:
     return int(array.nbytes_stored())
 
 
+def tier_of(name: str) -> str:
+    """The tier an array of the layout belongs to; labels, sample names and done marks are ``labels``."""
+    if name.startswith(("features/", "feature_scales/")):
+        return "maps"
+    if name.startswith("pooled/"):
+        return "pooled"
+    if name.startswith("trajectory/") or name == "latents":
+        return "trajectory"
+    return "labels"
+
+
+def map_errors(cache: FeatureCache) -> dict:
+    """Per ``t/layer`` of a lossy cache: max absolute and relative L2 error against the exact float16
+    maps, over every image written, with the worst layer (by relative L2); {} for exact maps."""
+    sums = cache.attrs.get("map_error") or {}
+    per_layer = {key: {"max_abs": s["max_abs"], "rel_l2": relative_l2(s), "images": s["images"]}
+                 for key, s in sums.items()}
+    if not per_layer:
+        return {}
+    worst = max(per_layer, key=lambda k: per_layer[k]["rel_l2"])
+    return {"worst": {"layer": worst, **per_layer[worst]}, "max_abs": max(e["max_abs"] for e in per_layer.values()),
+            "per_layer": per_layer}
+
+
 def cache_info(cache: FeatureCache) -> dict:
-    """Contents, sizes on disk and provenance of a cache."""
+    """Contents, sizes on disk (in total and per tier) and provenance of a cache."""
     plan = cache.plan
     n = plan.num_samples
-    feat_raw = feat_disk = other_disk = 0
+    feat_raw = feat_disk = 0
+    by_tier = dict.fromkeys((*plan.tiers, "labels"), 0)
     for spec in array_specs(plan):
         array = cache.array(spec.name)
+        stored = _stored_bytes(array)
+        by_tier[tier_of(spec.name)] += stored
         if spec.name.startswith("features/"):
-            feat_raw += array.nbytes
-            feat_disk += _stored_bytes(array)
-        else:
-            other_disk += _stored_bytes(array)
+            feat_raw += int(np.prod(array.shape)) * 2  # as exact float16, whatever the encoding
+            feat_disk += stored
+        elif spec.name.startswith("feature_scales/"):
+            feat_disk += stored
+    total = sum(by_tier.values())
     attrs = cache.attrs
     request = cache.request
     return {
         "path": cache.path,
         "num_samples": n,
         "done": int(cache.done.sum()),
+        "tiers": list(plan.tiers),
+        "map_encoding": plan.map_encoding if plan.holds("maps") else None,
         "timesteps": {t: request["extraction"].get("unet_timesteps", {}).get(t) for t in plan.timesteps},
         "layers": {k: list(v) for k, v in plan.layer_shapes.items()},
         "layer_idxs": request["extraction"].get("layer_idxs"),
@@ -42,8 +73,10 @@ def cache_info(cache: FeatureCache) -> dict:
         "feature_bytes_raw_fp16": feat_raw,
         "feature_bytes_on_disk": feat_disk,
         "compression_ratio": round(feat_raw / feat_disk, 3) if feat_disk else None,
-        "bytes_on_disk": feat_disk + other_disk,
-        "bytes_per_image": round((feat_disk + other_disk) / n) if n else 0,
+        "bytes_on_disk": total,
+        "bytes_per_image": round(total / n) if n else 0,
+        "bytes_per_image_by_tier": {t: round(b / n) if n else 0 for t, b in by_tier.items()},
+        "map_error": map_errors(cache),
         "unet_passes_per_image": attrs.get("unet_passes_per_image"),
         "ledger": attrs.get("ledger", {}),
         "backbone": request["backbone"]["id"],
@@ -72,9 +105,13 @@ def verify_cache(cache: FeatureCache, rtol: float = 2e-3, atol: float = 1e-3) ->
 def audit(cache: FeatureCache, rtol: float = 2e-3, atol: float = 1e-3) -> list[Problem]:
     """Every problem found (see ``verify_cache``).
 
-    Checks: every shard done; every array present with the planned shape; every shard marked done
-    stored in every array (a missing one would read as zeros) and readable (checksums catch
-    truncation and corruption); pooled vectors equal the spatial mean of the stored maps.
+    Checks: every shard done; every array of the held tiers present with the planned shape; every
+    shard marked done stored in every array (a missing one would read as zeros) and readable
+    (checksums catch truncation and corruption); when the cache holds both maps and pooled vectors,
+    the pooled vectors equal the spatial mean of the stored maps within float16 rounding, widened
+    for lossy maps by the largest error recorded for that layer at write time (the mean of the
+    decoded maps is off the exact maps' mean by at most that). A lossy cache that records no error
+    for a layer has its check replaced by a problem saying so.
     """
     plan = cache.plan
     problems = []
@@ -142,20 +179,35 @@ def _check_shard(cache: FeatureCache, shard: int, rtol: float, atol: float) -> l
             problems.append(Problem(f"{name}: {where}: {_reason(err)}", (shard,)))
             return None
 
+    both = plan.holds("maps") and plan.holds("pooled")
+    scales = {}
     for spec in array_specs(plan)[:-1]:
-        if not spec.name.startswith(("features/", "pooled/")):
-            read(spec.name)
+        if not (both and spec.name.startswith(("features/", "pooled/"))):
+            scales[spec.name] = read(spec.name)
+    if not both:
+        return problems
+    recorded = cache.attrs.get("map_error") or {}
+    lossy = plan.map_encoding != EXACT_ENCODING
     for t in plan.timesteps:
         for layer in plan.layer_shapes:
+            if lossy and f"{t}/{layer}" not in recorded:
+                problems.append(Problem(f"{feature_path(t, layer)}: the cache is {plan.map_encoding} but records no "
+                                        "error for it, so its pooled vectors cannot be checked against it"))
+                continue
             maps, pooled = read(feature_path(t, layer)), read(pooled_path(t, layer))
+            if plan.map_encoding == "uint8" and maps is not None:
+                scale_rows = scales[feature_scale_path(t, layer)]
+                maps = None if scale_rows is None else uint8_decode(maps, scale_rows)
             if maps is None or pooled is None:
                 continue
             values = maps.astype(np.float32)
             mean = values.mean(axis=(2, 3))
             # Pooled vectors are means of the activations before their rounding to float16, so they
-            # may differ from the stored maps' means by up to half an fp16 step of the largest value.
-            scale = np.abs(values).max(axis=(2, 3))
-            if not np.all(np.abs(mean - pooled) <= atol + rtol * scale):
+            # may differ from the stored maps' means by up to half an fp16 step of the largest value;
+            # lossy maps' means by up to their largest recorded error more.
+            slack = recorded[f"{t}/{layer}"]["max_abs"] if lossy else 0.0
+            scale = np.abs(values).max(axis=(2, 3)) + slack
+            if not np.all(np.abs(mean - pooled) <= atol + rtol * scale + slack):
                 err = float(np.abs(mean - pooled).max())
                 problems.append(Problem(f"{pooled_path(t, layer)}: {where}: differs from the mean of its maps by "
                                         f"{err:.3g}", (shard,)))

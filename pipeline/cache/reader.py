@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .encoding import uint8_decode
 from .layout import (
-    ATTRS_KEY, CREATING_KEY, FORMAT_VERSION, CachePlan, array_specs, feature_path, object_key, pooled_path,
-    trajectory_path,
+    ATTRS_KEY, CREATING_KEY, FORMAT_VERSION, TIERS, CachePlan, array_specs, feature_path, feature_scale_path,
+    object_key, pooled_path, trajectory_path,
 )
 from .shards import ShardReader
 from .store import CacheError, CacheMismatch, ChunkPresence, DamagedData, differences, open_root
@@ -77,6 +78,19 @@ def open_cache(path: str, storage_options: dict | None = None, expect: dict | No
     if expect:
         cache.check(expect)
     return cache
+
+
+def lacking_tiers(path: str, held, lacking, purpose: str) -> CacheError:
+    """The error for tiers ``lacking`` from a cache holding ``held``, with the command that adds them:
+    maps and pooled vectors come from a stored trajectory, anything else only from the images."""
+    if set(lacking) <= {"maps", "pooled"} and "trajectory" in held:
+        fix = (f"add {'it' if len(lacking) == 1 else 'them'} from the stored trajectory with `satdifuser extract "
+               f"CONFIG --from-trajectory --store {','.join(lacking)}`")
+    else:
+        wanted = ",".join(t for t in TIERS if t in held or t in lacking)
+        fix = f"re-extract with `satdifuser extract CONFIG --overwrite --store {wanted}`"
+    return CacheError(f"cache {path} holds the tiers {list(held)}, not {', '.join(lacking)}, which {purpose} "
+                      f"needs; {fix}")
 
 
 def _subset(request: dict, expect: dict) -> dict:
@@ -175,15 +189,8 @@ class FeatureCache:
 
     def require(self, tier: str, purpose: str) -> None:
         """Raise one line naming the tiers held and the command that adds ``tier`` when it is lacking."""
-        if self.plan.holds(tier):
-            return
-        if tier in ("maps", "pooled") and self.plan.holds("trajectory"):
-            fix = f"add it from the stored trajectory with `satdifuser extract CONFIG --from-trajectory --store {tier}`"
-        else:
-            wanted = ",".join(t for t in ("maps", "pooled", "trajectory") if t in self.tiers or t == tier)
-            fix = f"re-extract with `satdifuser extract CONFIG --overwrite --store {wanted}`"
-        raise CacheError(f"cache {self.path} holds the tiers {list(self.tiers)}, not {tier}, which {purpose} needs; "
-                         f"{fix}")
+        if not self.plan.holds(tier):
+            raise lacking_tiers(self.path, self.tiers, [tier], purpose)
 
     @property
     def layer_catalog(self) -> dict | None:
@@ -283,11 +290,19 @@ class FeatureCache:
         timesteps, layers = self._select(timesteps, layers)
         keys = [(t, l) for t in timesteps for l in layers]
         idx = self._checked(indices)
-        read = lambda key: torch.from_numpy(self._read(feature_path(*key), idx))  # noqa: E731
+        read = lambda key: torch.from_numpy(self._maps(*key, idx))  # noqa: E731
         per_array = idx.size * sum(2 * np.prod(self.plan.layer_shapes[l]) for l in layers) / max(len(layers), 1)
         parallel = READ_THREADS > 1 and len(keys) > 1 and per_array >= PARALLEL_BYTES
         maps = dict(zip(keys, _read_pool().map(read, keys) if parallel else map(read, keys)))
         return {t: {l: maps[t, l] for l in layers} for t in timesteps}
+
+    def _maps(self, t: str, layer: str, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` of one layer's maps as float16, decoded from the cache's map encoding (bitround
+        maps are float16 already)."""
+        stored = self._read(feature_path(t, layer), idx)
+        if self.map_encoding != "uint8":
+            return stored
+        return uint8_decode(stored, self._read(feature_scale_path(t, layer), idx))
 
     def pooled(self, indices, timesteps=None, layers=None) -> dict[str, dict[str, torch.Tensor]]:
         self.require("pooled", "reading pooled vectors")

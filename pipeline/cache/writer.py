@@ -13,7 +13,11 @@ import datetime as dt
 
 import numpy as np
 
-from .layout import ATTRS_KEY, CREATING_KEY, FORMAT_VERSION, ArraySpec, CachePlan, array_specs, compressors, object_key
+from . import encoding
+from .layout import (
+    ATTRS_KEY, CREATING_KEY, FORMAT_VERSION, ArraySpec, CachePlan, array_specs, compressors, feature_path,
+    feature_scale_path, object_key,
+)
 from .store import CacheError, CacheMismatch, ChunkPresence, differences, normalise, open_root, path_exists, remove
 
 
@@ -67,7 +71,7 @@ class CacheWriter:
             plan = CachePlan.from_attrs(stored.get("plan"))
         except ValueError as err:
             raise CacheError(f"cache {path} has damaged attributes: {err}; pass --overwrite to rebuild it") from None
-        diffs = differences(stored["request"], request)
+        diffs = differences(_encoding_named(stored["request"]), _encoding_named(request))
         if diffs:
             raise CacheMismatch(path, diffs, "pass --overwrite to rebuild it")
         return cls(root, path, plan)
@@ -110,7 +114,7 @@ class CacheWriter:
             try:
                 array = self.root[spec.name]
             except KeyError:
-                _create_array(self.root, spec, self.plan.codec)
+                _create_array(self.root, spec, self.plan)
                 created.append(spec.name)
                 continue
             if tuple(array.shape) != spec.shape or (spec.dtype != "str" and str(array.dtype) != spec.dtype):
@@ -129,27 +133,50 @@ class CacheWriter:
         """Write every array of one shard, add ``work`` to the ledger, then mark the shard done.
 
         ``arrays`` maps store paths (``features/t47/up_blocks_1_attn1_0``, ``latents``, ...) to the
-        shard's rows; all must be present so a shard is never marked done half-written. The ledger
-        is updated before the mark, so a kill in between counts the work twice (it is redone), never
+        shard's rows, feature maps as exact float16: they are encoded here in the plan's
+        ``map_encoding`` (with their ``feature_scales`` for uint8), and the error of a lossy one is
+        added to the ``map_error`` sums in the same attribute write as the ledger. All arrays must
+        be present so a shard is never marked done half-written. The ledger is updated before the
+        mark, so a kill in between counts the work (and the error sums) twice (it is redone), never
         not at all. ``before_done`` is called just before the mark (the writer's claim check).
         """
         start, stop = self.plan.shard_range(shard)
+        for name, rows in arrays.items():
+            if len(rows) != stop - start:
+                raise ValueError(f"shard {shard} of {name} has {len(rows)} rows, expected {stop - start}")
+        arrays, errors = self._encoded(arrays)
         missing = sorted(set(self.array_paths()) - set(arrays))
         if missing:
             raise ValueError(f"shard {shard} lacks arrays {missing[:3]}{'...' if len(missing) > 3 else ''}")
         for name, rows in arrays.items():
-            if len(rows) != stop - start:
-                raise ValueError(f"shard {shard} of {name} has {len(rows)} rows, expected {stop - start}")
-        for name, rows in arrays.items():
             self.root[name][start:stop] = rows
-        if work:
-            ledger = dict(self.root.attrs[ATTRS_KEY].get("ledger", {}))
-            for key, value in work.items():
+        if work or errors:
+            attrs = self.root.attrs[ATTRS_KEY]
+            ledger = dict(attrs.get("ledger", {}))
+            for key, value in (work or {}).items():
                 ledger[key] = round(ledger.get(key, 0) + value, 3)
-            self.update_info(ledger=ledger)
+            sums = dict(attrs.get("map_error", {}))
+            for key, value in errors.items():
+                sums[key] = encoding.add_errors(sums.get(key), value)
+            self.update_info(ledger=ledger, **({"map_error": sums} if errors else {}))
         if before_done is not None:
             before_done()
         self.root["done"][start:stop] = True
+
+    def _encoded(self, arrays: dict) -> tuple[dict, dict]:
+        """``arrays`` with the exact maps in the plan's encoding, and the error sums by ``t/layer``."""
+        if self.plan.map_encoding == encoding.EXACT_ENCODING or not self.plan.holds("maps"):
+            return arrays, {}
+        out, errors = dict(arrays), {}
+        for t in self.plan.timesteps:
+            for layer in self.plan.layer_shapes:
+                path = feature_path(t, layer)
+                if path not in arrays:
+                    continue
+                out[path], scales, errors[f"{t}/{layer}"] = encoding.encode(self.plan.map_encoding, arrays[path])
+                if scales is not None:
+                    out[feature_scale_path(t, layer)] = scales
+        return out, errors
 
     def array_paths(self) -> list[str]:
         """Every array a shard writes (all but ``done``)."""
@@ -159,6 +186,15 @@ class CacheWriter:
         attrs = dict(self.root.attrs[ATTRS_KEY])
         attrs.update(normalise(values))
         self.root.attrs[ATTRS_KEY] = attrs
+
+
+def _encoding_named(request: dict) -> dict:
+    """``request`` with its map encoding named even when exact (a request leaves the exact one out),
+    so a mismatch reads 'cache 'uint8', requested 'float16''."""
+    extraction = request.get("extraction")
+    if not isinstance(extraction, dict) or "map_encoding" in extraction:
+        return request
+    return {**request, "extraction": {**extraction, "map_encoding": encoding.EXACT_ENCODING}}
 
 
 def lacking_objects(root, plan: CachePlan, shards: list[int]) -> dict[int, list[str]]:
@@ -205,10 +241,13 @@ def _emptied(path: str, storage_options: dict | None):
 
 def _create_arrays(root, plan: CachePlan) -> None:
     for spec in array_specs(plan):
-        _create_array(root, spec, plan.codec)
+        _create_array(root, spec, plan)
 
 
-def _create_array(root, spec: ArraySpec, codec: str) -> None:
+def _create_array(root, spec: ArraySpec, plan: CachePlan) -> None:
     extra = {"fill_value": False} if spec.name == "done" else {}
+    attributes = {"description": spec.description}
+    if spec.name.startswith("features/"):
+        attributes.update(encoding.array_attributes(plan.map_encoding, *spec.name.split("/")[1:]))
     root.create_array(spec.name, shape=spec.shape, chunks=spec.chunks, shards=spec.shards, dtype=spec.dtype,
-                      compressors=compressors(codec), attributes={"description": spec.description}, **extra)
+                      compressors=compressors(plan.codec), attributes=attributes, **extra)
