@@ -104,27 +104,48 @@ def extract(
     wait: Annotated[bool, typer.Option(help="If another extraction is writing the cache, wait for it instead of stopping.")] = False,
     store: Annotated[Optional[str], typer.Option(help="Tiers to store, comma-separated: maps,pooled,trajectory (default: the config's store).")] = None,
     map_encoding: Annotated[Optional[str], typer.Option(help="float16 (exact), bitround-K (K = 1..9 mantissa bits kept) or uint8 (default: the config's).")] = None,
+    from_trajectory: Annotated[bool, typer.Option(help="Add the --store tiers (maps, pooled) to a complete cache from its stored trajectory: one UNet pass per saved label and image, no VAE.")] = False,
     set_: SetOpt = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
     """Run DiffusionSat once over a split and write its features to the Zarr cache.
 
     A killed run resumes where it stopped; shards marked done whose files are missing are
-    extracted again, and --repair also re-extracts those `cache verify` finds damaged."""
+    extracted again, and --repair also re-extracts those `cache verify` finds damaged.
+    --from-trajectory adds maps and/or pooled vectors to a cache that holds the trajectory."""
     from pipeline.config import load_config
+    from pipeline.errors import UserError
     from pipeline.extract import Extraction
 
     with user_errors():
+        for flag, given, why in (("--overwrite", overwrite, "rebuilds it"), ("--repair", repair, "re-extracts its damaged shards")):
+            if from_trajectory and given:
+                raise UserError(f"--from-trajectory and {flag} contradict: --from-trajectory adds tiers to the cache as "
+                                f"it is, {flag} {why}; give one of them")
         overrides = parse_overrides(set_ or [])
         if cache_dir:
             overrides["cache_dir"] = cache_dir
         overrides.update(storage_overrides(store, map_encoding))
+        tiers = overrides.pop("store", None) if from_trajectory else None
         extraction = Extraction(load_config(config, overrides), device)
         splits = ["train", "val", "test"] if split is Split.all else [split.value]
         for name in splits:
+            if from_trajectory:
+                echo_fill(extraction.fill_from_trajectory(name, tiers=tiers, progress=progress, wait=wait))
+                continue
             result = extraction.run(name, overwrite=overwrite, progress=progress, repair=repair, wait=wait)
             rate = f", {result.images_per_second:.1f} img/s" if result.extracted else " (already complete)"
             typer.echo(f"{result.path}: {result.num_samples} samples, {result.extracted} extracted{rate}")
+
+
+def echo_fill(result) -> None:
+    if not result.added:
+        typer.echo(f"{result.path}: holds {','.join(result.already)} already; nothing to fill")
+        return
+    done = f"{result.filled} filled, {result.unet_passes} UNet passes, {result.images_per_second:.1f} img/s" \
+        if result.filled else "every shard was filled before"
+    typer.echo(f"{result.path}: {result.num_samples} samples, now holds {','.join(result.added)} from the trajectory "
+               f"({done})")
 
 
 @app.command()

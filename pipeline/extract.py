@@ -60,6 +60,19 @@ def backbone_spec(cfg: Config) -> BackboneSpec:
     )
 
 
+def check_backbone(cfg: Config, caches, have: str | None = None) -> None:
+    """Refuse caches whose trajectory another backbone computed: its x_t through this config's UNet
+    would give features of neither. ``have`` is the config's backbone id when already known."""
+    have = have or fingerprint(backbone_spec(cfg))["id"]
+    for cache in caches:
+        built = cache.request.get("backbone", {}).get("id")
+        if built != have:
+            raise CacheError(f"cache {cache.path} was built from backbone {built}, but {cfg.config_file} names "
+                             f"{cfg.pretrained_model_name_or_path} (backbone {have}); set pretrained_model_name_or_path "
+                             "to the backbone the cache was built from, or re-extract with `satdifuser extract CONFIG "
+                             "--overwrite`")
+
+
 def extraction_settings(cfg: Config) -> ExtractionSettings:
     return ExtractionSettings(
         mode=cfg.diffusion_mode, num_timesteps=cfg.num_timesteps, save_timesteps=tuple(cfg.save_timesteps),
@@ -179,6 +192,13 @@ class Extraction:
             if not writer.pending_shards():
                 return ExtractResult(path, len(dataset), 0, 0.0, 0, 0)
             return _run(cfg, dataset, self.extractor, writer, progress, lock)
+
+    def fill_from_trajectory(self, split: str, path: str | None = None, tiers=None, progress: bool = True,
+                             wait: bool = False):
+        """Add maps and/or pooled vectors to a complete cache from its trajectory (``pipeline.fill``)."""
+        from .fill import fill_from_trajectory
+
+        return fill_from_trajectory(self, split, path, tiers, progress, wait)
 
     def _reopen(self, path: str, request: dict, replace_mismatched: bool, mode: str) -> CacheWriter | None:
         """The cache at ``path`` built for ``request`` and holding the tiers of ``store``; None when there

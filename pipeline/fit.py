@@ -100,22 +100,6 @@ def check_encoding(cfg: Config, cache: FeatureCache) -> None:
                          "for exact features")
 
 
-def check_backbone(cfg: Config, caches: dict) -> None:
-    """Refuse caches whose trajectory another backbone computed: its x_t through this config's
-    UNet would give features of neither. The extraction settings are checked on opening."""
-    from .backbone.loader import fingerprint
-    from .extract import backbone_spec
-
-    have = fingerprint(backbone_spec(cfg))["id"]
-    for cache in caches.values():
-        built = cache.request.get("backbone", {}).get("id")
-        if built != have:
-            raise CacheError(f"cache {cache.path} was built from backbone {built}, but {cfg.config_file} names "
-                             f"{cfg.pretrained_model_name_or_path} (backbone {have}); set pretrained_model_name_or_path "
-                             "to the backbone the cache was built from, or re-extract with `satdifuser extract CONFIG "
-                             "--overwrite`")
-
-
 def cached_splits(cfg: Config, caches: dict, timesteps, layers, train_rows=None) -> Splits:
     """Batches of each split's cache; ``train_rows`` are the training images to use (all when None)."""
     train_rows = np.arange(len(caches["train"])) if train_rows is None else train_rows
@@ -211,7 +195,9 @@ def fit(cfg: Config, out_dir: str | Path, device: str | None = None, source: str
     if cfg.limited_label is not None:
         log.info("limited_label %s: training on %d of %d images", cfg.limited_label, len(rows), len(caches["train"]))
     if source == "trajectory":
-        check_backbone(cfg, caches)
+        from .extract import check_backbone
+
+        check_backbone(cfg, caches.values())
         splits = trajectory_splits(cfg, caches, timesteps, layers, dev, rows)
     elif source == "live":
         splits = live_splits(cfg, timesteps, layers, dev, caches["train"].plan.shard_size, rows)

@@ -31,7 +31,8 @@ def tier_of(name: str) -> str:
 def map_errors(cache: FeatureCache) -> dict:
     """Per ``t/layer`` of a lossy cache: max absolute and relative L2 error against the exact float16
     maps, over every image written, with the worst layer (by relative L2); {} for exact maps."""
-    sums = cache.attrs.get("map_error") or {}
+    # A fill of the maps that has not finished has sums of maps the cache does not hold yet.
+    sums = (cache.attrs.get("map_error") or {}) if cache.plan.holds("maps") else {}
     per_layer = {key: {"max_abs": s["max_abs"], "rel_l2": relative_l2(s), "images": s["images"]}
                  for key, s in sums.items()}
     if not per_layer:

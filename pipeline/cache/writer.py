@@ -9,6 +9,7 @@ store that resumes (or starts afresh), never one that claims data it does not ho
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import numpy as np
@@ -16,9 +17,15 @@ import numpy as np
 from . import encoding
 from .layout import (
     ATTRS_KEY, CREATING_KEY, FORMAT_VERSION, ArraySpec, CachePlan, array_specs, compressors, feature_path,
-    feature_scale_path, object_key,
+    feature_scale_path, object_key, ordered_tiers,
 )
 from .store import CacheError, CacheMismatch, ChunkPresence, differences, normalise, open_root, path_exists, remove
+
+
+# While tiers are added to a complete cache (from its trajectory), the provenance names them under
+# FILL_KEY and FILL_DONE marks the shards filled; the plan names them only once every shard is.
+FILL_KEY = "filling"
+FILL_DONE = "filling_done"
 
 
 def _not_a_cache(path: str) -> CacheError:
@@ -42,10 +49,13 @@ def _open_existing(path: str, mode: str, storage_options: dict | None):
 class CacheWriter:
     """Creates or reopens a store for a request, and writes whole shards into it."""
 
-    def __init__(self, root, path: str, plan: CachePlan):
+    def __init__(self, root, path: str, plan: CachePlan, done: str = "done", writes: list[str] | None = None):
         self.root = root
         self.path = path
         self.plan = plan
+        # The array of done marks, and the arrays a shard writes (default: every array of the plan).
+        self.done_array = done
+        self._writes = writes
 
     @classmethod
     def reopen(cls, path: str, request: dict, storage_options: dict | None = None,
@@ -98,7 +108,7 @@ class CacheWriter:
 
     def _shard_done(self, shard: int) -> bool:
         try:
-            return bool(self.root["done"][slice(*self.plan.shard_range(shard))].all())
+            return bool(self.root[self.done_array][slice(*self.plan.shard_range(shard))].all())
         except Exception:  # an unreadable done chunk means the shard must be redone
             return False
 
@@ -125,7 +135,7 @@ class CacheWriter:
     def clear_done(self, shards) -> None:
         """Mark shards as not done, so the next extraction writes them again."""
         for shard in shards:
-            self.root["done"][slice(*self.plan.shard_range(shard))] = False
+            self.root[self.done_array][slice(*self.plan.shard_range(shard))] = False
 
     # --- writing -----------------------------------------------------------------------------
     def write_shard(self, shard: int, arrays: dict[str, np.ndarray], work: dict | None = None,
@@ -161,7 +171,7 @@ class CacheWriter:
             self.update_info(ledger=ledger, **({"map_error": sums} if errors else {}))
         if before_done is not None:
             before_done()
-        self.root["done"][start:stop] = True
+        self.root[self.done_array][start:stop] = True
 
     def _encoded(self, arrays: dict) -> tuple[dict, dict]:
         """``arrays`` with the exact maps in the plan's encoding, and the error sums by ``t/layer``."""
@@ -180,7 +190,43 @@ class CacheWriter:
 
     def array_paths(self) -> list[str]:
         """Every array a shard writes (all but ``done``)."""
+        if self._writes is not None:
+            return list(self._writes)
         return [spec.name for spec in array_specs(self.plan)[:-1]]
+
+    # --- adding tiers to a complete cache --------------------------------------------------------
+    @property
+    def filling(self) -> list[str] | None:
+        """The tiers an unfinished fill is adding, or None."""
+        return self.root.attrs[ATTRS_KEY].get(FILL_KEY)
+
+    def begin_fill(self, tiers) -> "CacheWriter":
+        """The writer of the arrays ``tiers`` add, with done marks of its own (``FILL_DONE``): a fill of
+        the same tiers is resumed, anything else of a fill's left in the store is replaced. The cache
+        goes on holding only its old tiers until ``finish_fill``."""
+        tiers = list(ordered_tiers(tiers))
+        fresh = self.filling != tiers
+        if fresh:  # named first, so that whatever a killed fill leaves is known to be the fill's
+            self.update_info(**{FILL_KEY: tiers}, **({"map_error": {}} if "maps" in tiers else {}))
+        plan = dataclasses.replace(self.plan, tiers=ordered_tiers((*self.plan.tiers, *tiers)))
+        held = {spec.name for spec in array_specs(self.plan)}
+        added = [spec for spec in array_specs(plan) if spec.name not in held]
+        done = ArraySpec(FILL_DONE, (plan.num_samples,), (plan.shard_size,), None, "bool", "shards filled")
+        for spec in (*added, done):
+            present = spec.name in self.root
+            if present and fresh:
+                del self.root[spec.name]
+            if fresh or not present:
+                _create_array(self.root, spec, plan)
+        return CacheWriter(self.root, self.path, plan, FILL_DONE, [spec.name for spec in added])
+
+    def finish_fill(self, **info) -> None:
+        """Make the filled tiers held, in one write of the provenance, then drop the fill's done marks."""
+        attrs = dict(self.root.attrs[ATTRS_KEY])
+        attrs.pop(FILL_KEY, None)
+        attrs.update(plan=self.plan.to_attrs(), **normalise(info))
+        self.root.attrs[ATTRS_KEY] = attrs
+        del self.root[FILL_DONE]
 
     def update_info(self, **values) -> None:
         attrs = dict(self.root.attrs[ATTRS_KEY])
@@ -197,14 +243,17 @@ def _encoding_named(request: dict) -> dict:
     return {**request, "extraction": {**extraction, "map_encoding": encoding.EXACT_ENCODING}}
 
 
-def lacking_objects(root, plan: CachePlan, shards: list[int]) -> dict[int, list[str]]:
+def lacking_objects(root, plan: CachePlan, shards: list[int], names: list[str] | None = None) -> dict[int, list[str]]:
     """The stored objects that ``shards`` need and the store does not hold, by shard.
 
     A cheap check (one listing or a stat per object, no reads) made before a done shard is trusted:
     a Zarr read of a missing object returns fill values. Checksums and contents are `cache verify`'s.
+    ``names`` limits the check to those arrays.
     """
     presence, lacking = ChunkPresence(root.store), {}
     for spec in array_specs(plan)[:-1]:
+        if names is not None and spec.name not in names:
+            continue
         try:
             array = root[spec.name]
         except KeyError:
@@ -245,7 +294,7 @@ def _create_arrays(root, plan: CachePlan) -> None:
 
 
 def _create_array(root, spec: ArraySpec, plan: CachePlan) -> None:
-    extra = {"fill_value": False} if spec.name == "done" else {}
+    extra = {"fill_value": False} if spec.name in ("done", FILL_DONE) else {}
     attributes = {"description": spec.description}
     if spec.name.startswith("features/"):
         attributes.update(encoding.array_attributes(plan.map_encoding, *spec.name.split("/")[1:]))
