@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .encoding import relative_l2, uint8_decode
-from .layout import EXACT_ENCODING, array_specs, feature_path, feature_scale_path, pooled_path
+from .layout import BASE, EXACT_ENCODING, array_specs, feature_path, feature_scale_path, pooled_path, tier_of
 from .reader import FeatureCache
 from .store import CacheError, DamagedData
 from .writer import lacking_objects
@@ -16,16 +16,6 @@ from .writer import lacking_objects
 def _stored_bytes(array) -> int:
     return int(array.nbytes_stored())
 
-
-def tier_of(name: str) -> str:
-    """The tier an array of the layout belongs to; labels, sample names and done marks are ``labels``."""
-    if name.startswith(("features/", "feature_scales/")):
-        return "maps"
-    if name.startswith("pooled/"):
-        return "pooled"
-    if name.startswith("trajectory/") or name == "latents":
-        return "trajectory"
-    return "labels"
 
 
 def map_errors(cache: FeatureCache) -> dict:
@@ -47,7 +37,7 @@ def cache_info(cache: FeatureCache) -> dict:
     plan = cache.plan
     n = plan.num_samples
     feat_raw = feat_disk = 0
-    by_tier = dict.fromkeys((*plan.tiers, "labels"), 0)
+    by_tier = dict.fromkeys((*plan.tiers, BASE), 0)
     for spec in array_specs(plan):
         array = cache.array(spec.name)
         stored = _stored_bytes(array)

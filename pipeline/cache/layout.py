@@ -77,6 +77,21 @@ def tiers_problem(tiers) -> str | None:
     return None
 
 
+# Labels, sample names and done marks: in every cache, whatever its tiers.
+BASE = "labels"
+
+
+def tier_of(name: str) -> str:
+    """The tier an array of the layout belongs to (``BASE`` for those every cache holds)."""
+    if name.startswith(("features/", "feature_scales/")):
+        return "maps"
+    if name.startswith("pooled/"):
+        return "pooled"
+    if name.startswith("trajectory/") or name == "latents":
+        return "trajectory"
+    return BASE
+
+
 def ordered_tiers(tiers) -> tuple[str, ...]:
     return tuple(t for t in TIERS if t in tiers)
 

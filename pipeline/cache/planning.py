@@ -18,7 +18,7 @@ import numpy as np
 
 from ..backbone.schedule import Schedule, label_key
 from ..errors import UserError
-from .layout import EXACT_ENCODING, TIERS, CachePlan, ArraySpec, array_specs, ordered_tiers
+from .layout import BASE, EXACT_ENCODING, TIERS, CachePlan, ArraySpec, array_specs, ordered_tiers, tier_of
 from .store import CacheError, is_url, open_root
 
 # Raw bytes over stored chunk bytes (each chunk's codec header and crc32c included; metadata and
@@ -51,7 +51,6 @@ PLAN_BITROUND = (5, 7)
 # Sample names are short (GEO-Bench's are 10-25 characters); when the task is not there to read them.
 NAME_BYTES = 24
 SHARD_INDEX_ENTRY = 16  # (offset, nbytes) per inner chunk of a shard, plus a crc32c per index
-BASE = "labels"  # labels, sample names and done marks: in every cache
 
 
 @dataclass(frozen=True)
@@ -62,16 +61,6 @@ class SplitPlan:
     plan: CachePlan  # all tiers, float16; variants are derived from it
     name_bytes: int  # mean length of a sample name, in bytes
 
-
-def tier_of(name: str) -> str:
-    """The tier an array of the layout belongs to (``BASE`` for those every cache holds)."""
-    if name.startswith(("features/", "feature_scales/")):
-        return "maps"
-    if name.startswith("pooled/"):
-        return "pooled"
-    if name.startswith("trajectory/") or name == "latents":
-        return "trajectory"
-    return BASE
 
 
 def _factor(spec: ArraySpec, codec: str, encoding: str) -> float:
