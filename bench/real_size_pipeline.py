@@ -1,7 +1,9 @@
 """The reference's configuration end to end at SD-2.1's real size, on this machine's CPU.
 
     python bench/real_size_pipeline.py [--images 8] [--eval-images 4] [--keep DIR] [--backbone DIR]
-                                       [--tasks cls seg] [--fusers gw lw moe] [--skip-probe] [--skip-fits]
+                                       [--tasks cls seg] [--fusers gw lw moe] [--sources maps trajectory]
+                                       [--tier-tasks cls] [--encodings float16 uint8 bitround-5]
+                                       [--skip-probe] [--skip-fits] [--scale-images 128]
 
 What it runs, each stage a process of the real command line (``python -m cli ...``) whose seconds
 and peak resident memory (its own ``ru_maxrss``, from ``os.wait4``) are printed:
@@ -17,7 +19,12 @@ and peak resident memory (its own ``ru_maxrss``, from ``os.wait4``) are printed:
    21 layers x 3 timesteps, ``projection_dim`` 384, a 512-channel UPerNet) on the demo task at
    ``img_size`` 256, ``max_train_epochs`` 1, device cpu: ``extract`` every tier, ``cache info``
    of each split (bytes per image per tier, measured on disk), ``probe`` (the map), and a fit of
-   each fuser for one epoch.
+   each fuser for one epoch from the maps and from the trajectory (``--sources``);
+4. for the classification task (``--tier-tasks``): a probe-only cache (``store: [pooled]``) and its
+   probe; a trajectory-only cache (``store: [trajectory]``) and a GW fit from it; copies of that cache
+   given maps from their trajectory (``extract --from-trajectory --store maps``) in each of
+   ``--encodings`` (float16, uint8, bitround-5), with ``cache info`` (bytes, recorded error) and a GW
+   fit from each; the float16 ones are compared with the extracted maps.
 
 Nothing is downloaded. The work folder is temporary unless ``--keep DIR`` names one (a second run
 with the same ``--keep`` reuses the backbone, the data and complete caches). Before running it
@@ -207,25 +214,29 @@ def tier_bytes(store: Path) -> dict:
     return out
 
 
-def cache_stage(stages: Stages, task: str, dataset: str, cache: Path) -> list[dict]:
+def cache_stage(stages: Stages, task: str, dataset: str, cache: Path, kind: str = "every tier") -> list[dict]:
     rows = []
     for split in SPLITS:
         store = cache / dataset / f"{split}.zarr"
-        row = stages.run(f"{task} cache info {split}", ["-m", "cli", "cache", "info", str(store), "--json"])
+        row = stages.run(f"{task} cache info {split} ({kind})", ["-m", "cli", "cache", "info", str(store), "--json"])
         if row["rc"]:
             continue
         info = json.loads(stages.output(row))
         n = info["num_samples"]
         tiers = tier_bytes(store)
-        rows.append({"task": task, "split": split, "images": n, "bytes_per_image": info["bytes_per_image"],
+        error = info.get("map_error", {}).get("worst") if isinstance(info.get("map_error"), dict) else None
+        if error:
+            print(f"   {split}: map error of {info.get('map_encoding')}: {error}", flush=True)
+        rows.append({"task": task, "kind": kind, "split": split, "images": n, "bytes_per_image": info["bytes_per_image"],
+                     "map_encoding": info.get("map_encoding"), "map_error": info.get("map_error"),
                      "tiers_per_image": {k: round(v / n) for k, v in tiers.items()},
-                     "raw_fp16_maps_per_image": round(info["feature_bytes_raw_fp16"] / n),
-                     "compression_ratio": info["compression_ratio"]})
+                     "raw_fp16_maps_per_image": round((info.get("feature_bytes_raw_fp16") or 0) / n),
+                     "compression_ratio": info.get("compression_ratio")})
         t = rows[-1]["tiers_per_image"]
         print(f"   {split}: {n} images, {info['bytes_per_image'] / MIB:.2f} MiB per image on disk: maps "
               f"{t['maps'] / MIB:.2f} MiB, pooled {t['pooled'] / 1024:.1f} KiB, trajectory {t['trajectory'] / 1024:.1f} KiB, "
-              f"other {t['other'] / 1024:.1f} KiB (maps {info['feature_bytes_raw_fp16'] / n / MIB:.2f} MiB raw fp16, "
-              f"ratio {info['compression_ratio']})", flush=True)
+              f"other {t['other'] / 1024:.1f} KiB (maps {rows[-1]['raw_fp16_maps_per_image'] / MIB:.2f} MiB raw fp16, "
+              f"ratio {info.get('compression_ratio')})", flush=True)
     return rows
 
 
@@ -260,10 +271,10 @@ def synthetic_cache(model_store: str, store: str, images: int) -> None:
     rng = np.random.default_rng(0)
 
     class RandomFeatures:
-        class schedule:
-            unet_passes = 10
+        def unet_passes(self, tiers):
+            return 10
 
-        def __call__(self, images, names):
+        def __call__(self, images, names, tiers):
             n = len(names)
             maps = {t: {l: torch.randn(n, *s).half() for l, s in plan.layer_shapes.items()} for t in plan.timesteps}
             pooled = {t: {l: m.float().mean(dim=(2, 3)) for l, m in d.items()} for t, d in maps.items()}
@@ -295,7 +306,13 @@ def plan(args) -> list[str]:
     if not args.skip_probe:
         lines.append(f"probe: the map ({len(args.tasks)} tasks)")
     if not args.skip_fits:
-        lines.append(f"fits: {', '.join(args.fusers)} for 1 epoch from maps, per task")
+        lines.append(f"fits: {', '.join(args.fusers)} for 1 epoch from {' and from '.join(args.sources)}, per task")
+    for task in args.tier_tasks:
+        traj = (args.images + 2 * args.eval_images) * len(set(yaml.safe_load((CONFIGS / "_base_" / "satdifuser.yaml")
+                                                                              .read_text())["save_timesteps"]))
+        lines.append(f"{task}: pooled-only and trajectory-only caches (2 x {args.images + 2 * args.eval_images} images "
+                     f"extracted), maps filled from the trajectory in {', '.join(args.encodings) or 'no encoding'} "
+                     f"({traj} UNet passes each), a GW fit of each")
     if args.scale_images:
         lines.append(f"at real batch and shard sizes: caches of random real-size features ({args.scale_images} train, "
                      f"{args.scale_images // 2} val and test images per task) written by extraction's loop; the probe and "
@@ -313,6 +330,13 @@ def main() -> None:
     parser.add_argument("--fusers", nargs="+", default=["gw", "lw", "moe"], choices=["gw", "lw", "moe"])
     parser.add_argument("--skip-probe", action="store_true")
     parser.add_argument("--skip-fits", action="store_true")
+    parser.add_argument("--sources", nargs="+", default=["maps", "trajectory"], choices=["maps", "trajectory", "live"],
+                        help="feature sources of the fits on the real caches")
+    parser.add_argument("--tier-tasks", nargs="*", default=["cls"], choices=list(TASKS),
+                        help="tasks whose pooled-only and trajectory-only caches, and maps filled from the "
+                             "trajectory in each of --encodings, are also run")
+    parser.add_argument("--encodings", nargs="*", default=["float16", "uint8", "bitround-5"],
+                        help="map encodings filled from the trajectory-only cache")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], help="config key=value for every stage")
     parser.add_argument("--scale-fusers", nargs="+", default=["gw", "moe"], choices=["gw", "lw", "moe"],
                         help="fusers fitted on the random-feature caches")
@@ -357,22 +381,102 @@ def run_all(args, work: Path) -> None:
         if row["rc"]:
             continue
         sizes += cache_stage(stages, task, dataset, work / "cache")
-        task_stages(stages, args, task, cfg, work / "cache", work / "out")
+        task_stages(stages, args, task, cfg, work / "cache", work / "out", sources=args.sources)
+        if task in args.tier_tasks:
+            tier_stages(stages, args, task, backbone, geobench, work, overrides, sizes)
         if args.scale_images:
             scaled(stages, args, task, backbone, geobench, work, overrides)
     report(stages.rows, sizes, work)
 
 
 def task_stages(stages: Stages, args, task: str, cfg: Path, cache: Path, out: Path, tag: str = "",
-                fusers=None) -> None:
+                fusers=None, sources=("maps",)) -> None:
     dataset = TASKS[task][2]
     if not args.skip_probe:
         stages.run(f"{task}{tag} probe", ["-m", "cli", "probe", "--cache", str(cache / dataset),
                                           "--out", str(out / "probes" / dataset)])
     if not args.skip_fits:
-        for fuser in fusers or args.fusers:
-            stages.run(f"{task}{tag} fit {fuser} maps", ["-m", "cli", "fit", str(cfg), "--fuser", fuser, "--out",
-                                                         str(out / "experiments" / dataset / fuser), "--no-progress"])
+        for source in sources:
+            for fuser in fusers or args.fusers:
+                fit_stage(stages, task, tag, cfg, fuser, source, out / "experiments" / dataset / f"{fuser}-{source}")
+
+
+def fit_stage(stages: Stages, task: str, tag: str, cfg: Path, fuser: str, source: str, out: Path) -> dict:
+    row = stages.run(f"{task}{tag} fit {fuser} {source}", ["-m", "cli", "fit", str(cfg), "--fuser", fuser, "--source",
+                                                          source, "--out", str(out), "--no-progress"])
+    metrics = out / "metrics.json"
+    if not row["rc"] and metrics.is_file():
+        m = json.loads(metrics.read_text())
+        row.update(test=m["test"][m["selection_metric"]], metric=m["selection_metric"],
+                   unet_passes=m["ledger"]["unet_passes"], train_images=m.get("train_images"))
+        print(f"   test {row['metric']} {row['test']:.4f}, {row['unet_passes']:,} UNet passes", flush=True)
+    return row
+
+
+# ---- other tiers and encodings (one task) --------------------------------------------------------
+
+
+def tier_stages(stages: Stages, args, task: str, backbone: Path, geobench: Path, work: Path, overrides: dict,
+                sizes: list) -> None:
+    """A probe-only cache (``store: [pooled]``) probed; a trajectory-only cache fitted from its
+    trajectory; and copies of that cache given maps from their trajectory in each of
+    ``args.encodings`` (``extract --from-trajectory``), with their recorded error and a GW fit each."""
+    dataset = TASKS[task][2]
+    pooled = experiment_config(work, task, backbone, geobench, work / "cache-pooled", {**overrides, "store": ["pooled"]},
+                               "pooled")
+    if not stages.run(f"{task} extract store pooled", ["-m", "cli", "extract", str(pooled), "--split", "all",
+                                                       "--no-progress"])["rc"]:
+        sizes += cache_stage(stages, task, dataset, work / "cache-pooled", "pooled")
+        if not args.skip_probe:
+            stages.run(f"{task} probe (pooled-only cache)", ["-m", "cli", "probe", "--cache",
+                                                             str(work / "cache-pooled" / dataset), "--out",
+                                                             str(work / "out-pooled" / "probes" / dataset)])
+    traj_cache = work / "cache-trajectory"
+    traj = experiment_config(work, task, backbone, geobench, traj_cache, {**overrides, "store": ["trajectory"]},
+                             "trajectory")
+    if stages.run(f"{task} extract store trajectory", ["-m", "cli", "extract", str(traj), "--split", "all",
+                                                       "--no-progress"])["rc"]:
+        return
+    sizes += cache_stage(stages, task, dataset, traj_cache, "trajectory")
+    if not args.skip_fits:
+        fit_stage(stages, task, " (trajectory-only cache)", traj, "gw", "trajectory",
+                  work / "out-trajectory" / dataset / "gw")
+    for enc in args.encodings:
+        cache = work / f"cache-{enc}"
+        if cache.exists():
+            shutil.rmtree(cache)
+        shutil.copytree(traj_cache, cache, symlinks=True)
+        cfg = experiment_config(work, task, backbone, geobench, cache,
+                                {**overrides, "store": ["maps", "trajectory"], "map_encoding": enc}, enc)
+        if stages.run(f"{task} maps {enc} from the trajectory", ["-m", "cli", "extract", str(cfg), "--split", "all",
+                                                                 "--from-trajectory", "--store", "maps",
+                                                                 "--no-progress"])["rc"]:
+            continue
+        sizes += cache_stage(stages, task, dataset, cache, enc)
+        if enc == "float16":
+            compare_maps(work / "cache" / dataset / "test.zarr", cache / dataset / "test.zarr")
+        if not args.skip_fits:
+            fit_stage(stages, task, f" ({enc} maps)", cfg, "gw", "maps", work / f"out-{enc}" / dataset / "gw")
+
+
+def compare_maps(direct: Path, filled: Path) -> None:
+    """How far the maps recomputed from the trajectory are from those extracted: the worst layer's
+    largest difference relative to the layer's largest value, and the share of values that differ."""
+    import numpy as np
+
+    from pipeline.cache.reader import open_cache
+
+    a, b = open_cache(str(direct)), open_cache(str(filled))
+    rows, worst, differ, total = range(len(a)), 0.0, 0, 0
+    for t in a.timesteps:
+        got, want = b.features(rows, [t])[t], a.features(rows, [t])[t]
+        for layer, x in want.items():
+            x, y = x.float().numpy(), got[layer].float().numpy()
+            worst = max(worst, float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-12)))
+            differ, total = differ + int((x != y).sum()), total + x.size
+    print(f"   maps from the trajectory against the extracted maps ({len(a)} test images): {differ / total:.4%} of "
+          f"values differ, worst layer max |diff| / max |x| = {worst:.2e} (float16 steps are 2^-11 = 4.9e-04 relative)",
+          flush=True)
 
 
 def scaled(stages: Stages, args, task: str, backbone: Path, geobench: Path, work: Path, overrides: dict) -> None:

@@ -183,7 +183,7 @@ class Extraction:
         with WriterLock(path, self.storage_options, wait=wait) as lock:
             writer = None if overwrite else self._reopen(path, request, replace_mismatched, "r+")
             if writer is not None:
-                _check_store_writable(writer)
+                check_store_writable(writer)
                 _mend(writer, repair, self.storage_options)
             if writer is None:
                 info = {"code_version": __version__, "unet_passes_per_image": self.schedule.unet_passes,
@@ -268,7 +268,7 @@ def _check_writable(path: str) -> None:
         raise CacheError(f"the cache folder {parent} is not writable; set cache_dir elsewhere")
 
 
-def _check_store_writable(writer: CacheWriter) -> None:
+def check_store_writable(writer: CacheWriter) -> None:
     """Fail before any shard is computed when an existing local store cannot take the writes a
     shard makes: its root, every array's folder and its chunk folder, and a file in the root."""
     if is_url(writer.path):
@@ -316,23 +316,47 @@ def _mend(writer: CacheWriter, repair: bool, storage_options: dict | None) -> No
         writer.clear_done(damaged)
 
 
-def _shard_arrays(plan: CachePlan, parts: list[BatchFeatures], labels: list[np.ndarray], names: list[str]) -> dict:
-    """The arrays of one shard for the tiers ``plan`` holds; maps exact (the writer encodes them)."""
-    arrays = {"labels": np.concatenate(labels), "sample_names": np.asarray(names, dtype=object)}
+class ShardBuffer:
+    """The arrays of one shard, filled in place batch by batch: keeping the batches and
+    concatenating them at the end held the shard twice (at 256 px a 64-image shard is 1.3 GiB of
+    maps, and extraction peaked at 3.2 times that)."""
+
+    def __init__(self, rows: int):
+        self.rows, self.filled = rows, 0
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        n = len(next(iter(batch.values())))
+        for key, values in batch.items():
+            values = np.asarray(values)
+            if key not in self.arrays:
+                self.arrays[key] = np.empty((self.rows, *values.shape[1:]), values.dtype)
+            self.arrays[key][self.filled:self.filled + n] = values
+        self.filled += n
+
+    @property
+    def full(self) -> bool:
+        return self.filled == self.rows
+
+
+def batch_arrays(plan: CachePlan, part: BatchFeatures, labels: np.ndarray, names: list[str]) -> dict:
+    """One batch's rows of the shard arrays for the tiers ``plan`` holds; maps exact (the writer
+    encodes them)."""
+    arrays = {"labels": np.asarray(labels), "sample_names": np.asarray(names, dtype=object)}
     if plan.holds("trajectory"):
-        arrays["latents"] = torch.cat([p.latents for p in parts]).numpy()
-    for t in parts[0].maps:
+        arrays["latents"] = part.latents.numpy()
+    for t in plan.timesteps:
         if plan.holds("trajectory"):
-            arrays[trajectory_path(t)] = torch.cat([p.trajectory[t] for p in parts]).numpy()
-        for layer in parts[0].maps[t]:
+            arrays[trajectory_path(t)] = part.trajectory[t].numpy()
+        for layer in plan.layer_shapes:
             if plan.holds("maps"):
-                arrays[feature_path(t, layer)] = torch.cat([p.maps[t][layer] for p in parts]).numpy()
+                arrays[feature_path(t, layer)] = part.maps[t][layer].numpy()
             if plan.holds("pooled"):
-                arrays[pooled_path(t, layer)] = torch.cat([p.pooled[t][layer] for p in parts]).numpy()
+                arrays[pooled_path(t, layer)] = part.pooled[t][layer].numpy()
     return arrays
 
 
-def _batches(plan: CachePlan, shards: list[int], batch_size: int) -> list[list[int]]:
+def shard_batches(plan: CachePlan, shards: list[int], batch_size: int) -> list[list[int]]:
     """Index batches that never cross a shard boundary."""
     out = []
     for shard in shards:
@@ -341,7 +365,7 @@ def _batches(plan: CachePlan, shards: list[int], batch_size: int) -> list[list[i
     return out
 
 
-def _write_and_count(writer: CacheWriter, shard: int, arrays: dict, work: dict, lock: WriterLock) -> float:
+def write_and_count(writer: CacheWriter, shard: int, arrays: dict, work: dict, lock: WriterLock) -> float:
     """Write a shard with its work for the ledger (counted before it is marked done, so a kill never
     loses the count); returns the seconds it took."""
     start = time.perf_counter()
@@ -356,13 +380,13 @@ def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter,
 
     plan = writer.plan
     shards = writer.pending_shards()
-    batches = _batches(plan, shards, cfg.extract_batch_size)
+    batches = shard_batches(plan, shards, cfg.extract_batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=collate)
     todo = sum(len(b) for b in batches)
-    passes = extractor.schedule.unet_passes
-    parts, labels, names = [], [], []
+    passes = extractor.unet_passes(plan.tiers)
     shard_iter = iter(shards)
     shard = next(shard_iter)
+    buffer = ShardBuffer(len(range(*plan.shard_range(shard))))
     started = shard_started = time.perf_counter()
     write_seconds = wait_seconds = 0.0
     # One shard is written in the background while the next is computed; waiting for it before
@@ -371,24 +395,23 @@ def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter,
             ThreadPoolExecutor(max_workers=1) as background:
         pending = None
         for batch in loader:
-            parts.append(extractor(batch["image"], batch["name"]))
-            labels.append(batch["label"])
-            names += batch["name"]
+            part = extractor(batch["image"], batch["name"], plan.tiers)
+            buffer.add(batch_arrays(plan, part, batch["label"], batch["name"]))
+            del part
             bar.update(len(batch["name"]))
-            start, stop = plan.shard_range(shard)
-            if len(names) == stop - start:
+            if buffer.full:
                 if pending is not None:
                     waited = time.perf_counter()
                     write_seconds += pending.result()
                     wait_seconds += time.perf_counter() - waited
-                n, now = len(names), time.perf_counter()
+                n, now = buffer.rows, time.perf_counter()
                 work = {"unet_passes": n * passes, "vae_passes": n, "images_extracted": n,
                         "extract_seconds": now - shard_started}
                 shard_started = now
-                pending = background.submit(_write_and_count, writer, shard, _shard_arrays(plan, parts, labels, names),
-                                            work, lock)
-                parts, labels, names = [], [], []
+                pending = background.submit(write_and_count, writer, shard, buffer.arrays, work, lock)
                 shard = next(shard_iter, None)
+                if shard is not None:
+                    buffer = ShardBuffer(len(range(*plan.shard_range(shard))))
         if pending is not None:
             waited = time.perf_counter()
             write_seconds += pending.result()

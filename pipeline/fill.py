@@ -16,7 +16,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import torch
 
 from .backbone.extractor import FeatureExtractor
 from .cache.layout import ATTRS_KEY, array_specs, feature_path, ordered_tiers, pooled_path, tiers_problem
@@ -26,7 +25,7 @@ from .cache.store import CacheError, CacheMismatch, check_location
 from .cache.writer import FILL_KEY, CacheWriter, lacking_objects
 from .data.geobench_task import GeoBenchSplit
 from .errors import UserError
-from .extract import Extraction, _batches, _check_store_writable, _write_and_count, check_backbone
+from .extract import Extraction, ShardBuffer, check_backbone, check_store_writable, shard_batches, write_and_count
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ def fill_from_trajectory(extraction: Extraction, split: str, path: str | None = 
     if not adding:
         log.info("cache %s holds %s already; nothing to fill", path, ",".join(already))
         return FillResult(path, len(cache), (), already, 0, 0.0, 0)
-    request = extraction.request(GeoBenchSplit(extraction.source, split))
+    request = _answered(extraction.request(GeoBenchSplit(extraction.source, split)), cache)
     check_backbone(cfg, [cache], request["backbone"]["id"])
     _reopen(path, request, options, "r")
     _check_complete(cache)
@@ -73,8 +72,8 @@ def fill_from_trajectory(extraction: Extraction, split: str, path: str | None = 
         adding, already = _tiers(cache, tiers, cfg.store)
         if not adding:
             return FillResult(path, len(cache), (), already, 0, 0.0, 0)
-        _check_store_writable(writer)
-        fill = writer.begin_fill(adding)
+        check_store_writable(writer)
+        fill = writer.begin_fill(adding, cfg.map_encoding)
         _mend(fill)
         filled, seconds = _fill(cfg.extract_batch_size, extraction.extractor, cache, fill, adding, progress, lock)
         ledger = dict(fill.root.attrs[ATTRS_KEY].get("ledger", {}))
@@ -102,6 +101,17 @@ def _tiers(cache: FeatureCache, asked, store) -> tuple[tuple[str, ...], tuple[st
                          f"finish it first with `satdifuser extract CONFIG --from-trajectory --store "
                          f"{','.join(unfinished)}`")
     return adding, tuple(t for t in ordered_tiers(asked) if t in held)
+
+
+def _answered(request: dict, cache: FeatureCache) -> dict:
+    """``request`` as the cache must answer it: a cache without maps has no map encoding to match,
+    so the maps added to it take the config's (a lab shares the trajectory; each user stores maps in
+    the encoding their disk allows)."""
+    if cache.plan.holds("maps"):
+        return request
+    extraction = {k: v for k, v in request["extraction"].items() if k != "map_encoding"}
+    held = cache.request["extraction"].get("map_encoding")
+    return {**request, "extraction": {**extraction, **({"map_encoding": held} if held else {})}}
 
 
 def _reopen(path: str, request: dict, options: dict | None, mode: str) -> CacheWriter:
@@ -140,25 +150,26 @@ def _fill(batch_size: int, extractor: FeatureExtractor, cache: FeatureCache, fil
     started = time.perf_counter()
     with tqdm(total=todo, desc=f"fill {fill.path}", unit="img", disable=not progress) as bar:
         for shard in shards:
-            shard_started, parts = time.perf_counter(), []
-            for idx in _batches(plan, [shard], batch_size):
-                parts.append(extractor.from_trajectory(cache.trajectory(idx), layers, pooled="pooled" in adding))
-                bar.update(len(idx))
             start, stop = plan.shard_range(shard)
+            shard_started, buffer = time.perf_counter(), ShardBuffer(stop - start)
+            for idx in shard_batches(plan, [shard], batch_size):
+                maps, pooled = extractor.from_trajectory(cache.trajectory(idx), layers, pooled="pooled" in adding)
+                buffer.add(_batch_arrays(plan, adding, layers, maps, pooled))
+                bar.update(len(idx))
             n = stop - start
             work = {"unet_passes": n * len(plan.timesteps), "vae_passes": 0, "images_filled": n,
                     "fill_seconds": time.perf_counter() - shard_started}
-            _write_and_count(fill, shard, _shard_arrays(plan, adding, layers, parts), work, lock)
+            write_and_count(fill, shard, buffer.arrays, work, lock)
     return todo, time.perf_counter() - started
 
 
-def _shard_arrays(plan, adding, layers: list[str], parts: list[tuple[dict, dict]]) -> dict:
-    """The arrays of the added tiers for one shard; maps exact (the writer encodes them)."""
+def _batch_arrays(plan, adding, layers: list[str], maps: dict, pooled: dict) -> dict:
+    """One batch's rows of the added tiers' arrays; maps exact (the writer encodes them)."""
     arrays = {}
     for t in plan.timesteps:
         for layer in layers:
             if "maps" in adding:
-                arrays[feature_path(t, layer)] = torch.cat([maps[t][layer] for maps, _ in parts]).numpy()
+                arrays[feature_path(t, layer)] = maps[t][layer].numpy()
             if "pooled" in adding:
-                arrays[pooled_path(t, layer)] = torch.cat([pooled[t][layer] for _, pooled in parts]).numpy()
+                arrays[pooled_path(t, layer)] = pooled[t][layer].numpy()
     return arrays

@@ -242,19 +242,26 @@ def _train_and_write(cfg: Config, model: FusionModel, splits: Splits, caches: di
     aux = aux_summary(cfg, best, splits, dev)
     # LW and MoE summaries run val once more, through the backbone unless from the maps.
     result.metrics["ledger"] = fit_ledger(result, caches, source, len(model.config.timesteps),
-                                          extra_val_passes=int(cfg.fuser != "gw"))
+                                          live_passes_per_image(cfg), extra_val_passes=int(cfg.fuser != "gw"))
     write_outputs(out_dir, result)
     write_plots(out_dir, result, best, aux)
     return result.metrics
 
 
-def fit_ledger(result, caches: dict, source: str, timesteps: int, extra_val_passes: int = 0) -> dict:
+def live_passes_per_image(cfg: Config) -> int:
+    """UNet passes that give one image the fit's timesteps, as a live fit and the reference run
+    them: the inversion stops after the fit's earliest label, whatever the cache holds."""
+    from .backbone.schedule import unet_passes
+
+    return unet_passes(cfg.diffusion_mode, cfg.num_timesteps, cfg.save_timesteps)
+
+
+def fit_ledger(result, caches: dict, source: str, timesteps: int, per_image: int, extra_val_passes: int = 0) -> dict:
     """UNet and VAE passes this fit ran, and those the reference runs for the same training: it
-    recomputes every image's features for every epoch, every validation and the test evaluation.
-    A fit from the trajectory runs one UNet pass per image and timestep and no VAE; from the maps,
-    none. ``extra_val_passes`` are our own passes over val (the fusion summary), which only a fit
-    that recomputes its features pays."""
-    per_image = int(caches["train"].attrs.get("unet_passes_per_image") or 0)
+    recomputes every image's features for every epoch, every validation and the test evaluation,
+    ``per_image`` UNet passes each. A fit from the trajectory runs one UNet pass per image and
+    timestep and no VAE; from the maps, none. ``extra_val_passes`` are our own passes over val (the
+    fusion summary), which only a fit that recomputes its features pays."""
     n = {split: len(cache) for split, cache in caches.items()}
     evaluations = sum(1 for row in result.history if any(k.startswith("val_") for k in row))
     # Training batches, every validation, and the best model's final val and test evaluations.

@@ -394,6 +394,23 @@ def test_store_writes_only_the_arrays_of_its_tiers(make_config, store, held):
     assert len(cache.sample_names) == 8 and all(cache.sample_names)
 
 
+@pytest.mark.parametrize("mode, save, passes", [("inversion", [47, 45, 40], 10), ("generation", [47, 40], 0)])
+def test_a_trajectory_only_extraction_stores_the_trajectory_of_a_full_one(make_config, tmp_path, mode, save, passes):
+    # Without maps or pooled vectors no layer is hooked: the inversion still runs its steps, while
+    # noised latents need no UNet pass at all.
+    settings = {"diffusion_mode": mode, "save_timesteps": save}
+    full = extract_split(make_config(**settings), "val", progress=False)
+    only = extract_split(make_config(store=["trajectory"], **settings), "val", path=str(tmp_path / "t.zarr"),
+                         progress=False)
+    assert only.unet_passes == passes * 8 and open_cache(only.path).attrs["ledger"]["unet_passes"] == passes * 8
+    want, have = all_arrays(full.path), all_arrays(only.path)
+    assert {k for k in have if k.startswith(("trajectory", "latents"))} == {k for k in want
+                                                                           if k.startswith(("trajectory", "latents"))}
+    for key in have:
+        if key.startswith(("trajectory", "latents", "labels", "sample_names")):
+            np.testing.assert_array_equal(have[key], want[key], err_msg=key)
+
+
 def test_a_pooled_only_cache_holds_the_pooled_vectors_of_a_full_one(make_config, tmp_path):
     full = open_cache(extract_split(make_config(), "val", progress=False).path)
     pooled = open_cache(extract_split(make_config(store=["pooled"]), "val", path=str(tmp_path / "p.zarr"),

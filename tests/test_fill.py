@@ -100,6 +100,24 @@ def test_filled_maps_and_pooled_vectors_are_those_of_a_direct_extraction(make_co
     assert ledger["bytes_stored"] == cache_info(filled)["bytes_on_disk"]
 
 
+def test_maps_added_to_a_trajectory_only_cache_take_the_configs_encoding(make_config, tmp_path):
+    # A shared trajectory cache, extracted exact; its user stores the maps as uint8.
+    direct = Extraction(make_config(layer_idxs=FEW, map_encoding="uint8", store=["maps", "trajectory"]))
+    direct_path = direct.run("val", path=str(tmp_path / "direct.zarr"), progress=False).path
+    path = Extraction(make_config(layer_idxs=FEW, store=["trajectory"])).run("val", progress=False).path
+    user = Extraction(make_config(layer_idxs=FEW, map_encoding="uint8", store=["maps", "trajectory"]))
+    assert user.fill_from_trajectory("val", tiers=["maps"], progress=False).added == ("maps",)
+    filled = open_cache(path)
+    assert filled.map_encoding == "uint8" and filled.tiers == ("maps", "trajectory")
+    assert filled.request["extraction"] == open_cache(direct_path).request["extraction"]
+    assert_same_arrays(direct_path, path)
+    assert_same_errors(direct_path, path)
+    # The filled cache answers the user's config as its own extraction would: nothing left to do.
+    assert user.run("val", progress=False).extracted == 0
+    with pytest.raises(CacheMismatch, match="map_encoding"):
+        Extraction(make_config(layer_idxs=FEW, store=["maps", "trajectory"])).run("val", progress=False)
+
+
 def test_pooled_vectors_alone_are_added_to_a_cache_holding_maps(make_config, tmp_path):
     direct = Extraction(make_config(layer_idxs=FEW)).run("val", path=str(tmp_path / "direct.zarr"), progress=False)
     extraction = Extraction(make_config(layer_idxs=FEW, store=["maps", "trajectory"]))

@@ -34,6 +34,16 @@ def test_fit_writes_metrics_model_and_plots(cached_demo, tmp_path, exp, fuser, m
                                  "reference_vae_passes": 20 + 2 * 8 + 8, "unet_passes_per_image": 10}
 
 
+def test_the_reference_ledger_counts_the_passes_of_the_fits_own_timesteps(cached_demo, tmp_path):
+    # The cache holds t47, t45 and t40 (10 inversion steps); the reference, asked for t47 and t45
+    # only, stops its inversion after 5 steps.
+    cfg = cached_demo(fuser="gw", max_train_epochs=1, save_timesteps=[47, 45],
+                      layer_idxs={"up_blocks": {"attn1": "all", "conv2": []}})
+    ledger = fit(cfg, tmp_path, progress=False)["ledger"]
+    assert ledger["unet_passes_per_image"] == 5
+    assert ledger["reference_unet_passes"] == 5 * (20 + 2 * 8 + 8) and ledger["unet_passes"] == 0
+
+
 def test_live_ledger_counts_every_image_through_the_backbone(cached_demo, tmp_path, monkeypatch):
     from pipeline.backbone.extractor import FeatureExtractor
 

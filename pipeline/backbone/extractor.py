@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..cache.layout import TIERS
 from ..errors import UserError
 from .layer_spec import DEFAULT_LAYER_IDXS
 from .layers import ForwardStopped, Layer, as_map, capture, catalog, select_layers
@@ -147,22 +148,36 @@ class FeatureExtractor:
         with self._autocast():
             return self.model.unet(x, timestep, encoder_hidden_states=cond, **kwargs).sample
 
+    def unet_passes(self, tiers=TIERS) -> int:
+        """UNet passes per image for an extraction that keeps ``tiers``: the inversion needs every
+        step's noise prediction, but noised latents need the UNet only for the features."""
+        if self.schedule.mode != "inversion" and not {"maps", "pooled"} & set(tiers):
+            return 0
+        return self.schedule.unet_passes
+
     @torch.no_grad()
-    def features(self, latents: torch.Tensor, names: list[str]) -> BatchFeatures:
+    def features(self, latents: torch.Tensor, names: list[str], tiers=TIERS) -> BatchFeatures:
+        """What ``tiers`` hold for a batch of latents; the tiers not asked for come back empty. Only
+        the layers' outputs a tier keeps are copied off the UNet: at 256 px the maps are 20 MiB per
+        image, which a trajectory-only extraction then never holds."""
         maps, pooled, trajectory = {}, {}, {}
+        want_maps, want_pooled = "maps" in tiers, "pooled" in tiers
 
         def keep(label: int, x: torch.Tensor, store: dict):
             key = label_key(label)
             trajectory[key] = x.float().cpu()
             maps[key], pooled[key] = {}, {}
-            for name in self.layer_names:
+            for name in self.layer_names if want_maps or want_pooled else ():
                 fmap = as_map(store[name])
-                pooled[key][name] = fmap.float().mean(dim=(2, 3)).cpu()
-                maps[key][name] = fmap.to(torch.float16).cpu()
+                if want_pooled:
+                    pooled[key][name] = fmap.float().mean(dim=(2, 3)).cpu()
+                if want_maps:
+                    maps[key][name] = fmap.to(torch.float16).cpu()
 
         latents = latents.to(self.device, torch.float32)
         saved = set(self.schedule.save_timesteps)
-        with capture(self.layers) as store:
+        hooked = self.layers if want_maps or want_pooled else []
+        with capture(hooked) as store:
             if self.schedule.mode == "inversion":
                 x = latents
                 for step in self.schedule.inversion_steps():
@@ -175,7 +190,8 @@ class FeatureExtractor:
                 for label in sorted(saved, reverse=True):
                     t = self.schedule.timesteps[label]
                     x = self._add_noise(latents, noise, t)
-                    self._unet(x, t)
+                    if hooked:
+                        self._unet(x, t)
                     keep(label, x, store)
         return BatchFeatures(latents.cpu(), maps, pooled, trajectory)
 
@@ -222,8 +238,8 @@ class FeatureExtractor:
         at = self.schedule.alphas_cumprod[t].to(self.device)
         return at**0.5 * x0 + (1 - at) ** 0.5 * noise
 
-    def __call__(self, images: torch.Tensor, names: list[str]) -> BatchFeatures:
-        return self.features(self.encode(images, names), names)
+    def __call__(self, images: torch.Tensor, names: list[str], tiers=TIERS) -> BatchFeatures:
+        return self.features(self.encode(images, names), names, tiers)
 
     @torch.no_grad()
     def layer_shapes(self, latent_size: int) -> dict[str, tuple[int, int, int]]:

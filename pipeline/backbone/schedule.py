@@ -126,10 +126,7 @@ class Schedule:
 
     @property
     def unet_passes(self) -> int:
-        """UNet passes per image: the inversion runs every step up to the last saved label."""
-        if self.mode == "generation":
-            return len(set(self.save_timesteps))
-        return self.num_timesteps - min(self.save_timesteps)
+        return unet_passes(self.mode, self.num_timesteps, self.save_timesteps)
 
     def alpha_bar(self, t: int) -> torch.Tensor:
         return torch.ones(()) if t == -1 else self.alphas_cumprod[t]
@@ -147,3 +144,11 @@ def label_of(key: str, num_timesteps: int) -> int:
         raise UserError(f"{key!r} is not a timestep key of a {num_timesteps}-step schedule ('t0' to "
                         f"'t{num_timesteps - 1}')")
     return label
+
+
+def unet_passes(mode: str, num_timesteps: int, save_timesteps) -> int:
+    """UNet passes per image that computes the features of ``save_timesteps``: the inversion runs
+    every step up to the last saved label; noised latents need one pass per label."""
+    if mode == "generation":
+        return len(set(save_timesteps))
+    return num_timesteps - min(save_timesteps)

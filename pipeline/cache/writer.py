@@ -26,6 +26,7 @@ from .store import CacheError, CacheMismatch, ChunkPresence, differences, normal
 # FILL_KEY and FILL_DONE marks the shards filled; the plan names them only once every shard is.
 FILL_KEY = "filling"
 FILL_DONE = "filling_done"
+FILL_ENCODING = "filling_map_encoding"  # the encoding of the maps a fill adds
 
 
 def _not_a_cache(path: str) -> CacheError:
@@ -200,15 +201,20 @@ class CacheWriter:
         """The tiers an unfinished fill is adding, or None."""
         return self.root.attrs[ATTRS_KEY].get(FILL_KEY)
 
-    def begin_fill(self, tiers) -> "CacheWriter":
+    def begin_fill(self, tiers, map_encoding: str | None = None) -> "CacheWriter":
         """The writer of the arrays ``tiers`` add, with done marks of its own (``FILL_DONE``): a fill of
-        the same tiers is resumed, anything else of a fill's left in the store is replaced. The cache
-        goes on holding only its old tiers until ``finish_fill``."""
+        the same tiers (and map encoding) is resumed, anything else of a fill's left in the store is
+        replaced. Maps added to a cache that holds none take ``map_encoding`` (default: the plan's).
+        The cache goes on holding only its old tiers, in their encoding, until ``finish_fill``."""
         tiers = list(ordered_tiers(tiers))
-        fresh = self.filling != tiers
-        if fresh:  # named first, so that whatever a killed fill leaves is known to be the fill's
-            self.update_info(**{FILL_KEY: tiers}, **({"map_error": {}} if "maps" in tiers else {}))
         plan = dataclasses.replace(self.plan, tiers=ordered_tiers((*self.plan.tiers, *tiers)))
+        if map_encoding is not None and "maps" in tiers and not self.plan.holds("maps"):
+            plan = dataclasses.replace(plan, map_encoding=map_encoding)
+        attrs = self.root.attrs[ATTRS_KEY]
+        fresh = self.filling != tiers or attrs.get(FILL_ENCODING, self.plan.map_encoding) != plan.map_encoding
+        if fresh:  # named first, so that whatever a killed fill leaves is known to be the fill's
+            self.update_info(**{FILL_KEY: tiers, FILL_ENCODING: plan.map_encoding},
+                             **({"map_error": {}} if "maps" in tiers else {}))
         held = {spec.name for spec in array_specs(self.plan)}
         added = [spec for spec in array_specs(plan) if spec.name not in held]
         done = ArraySpec(FILL_DONE, (plan.num_samples,), (plan.shard_size,), None, "bool", "shards filled")
@@ -221,9 +227,15 @@ class CacheWriter:
         return CacheWriter(self.root, self.path, plan, FILL_DONE, [spec.name for spec in added])
 
     def finish_fill(self, **info) -> None:
-        """Make the filled tiers held, in one write of the provenance, then drop the fill's done marks."""
+        """Make the filled tiers held, in one write of the provenance, then drop the fill's done marks.
+        The request then names the maps' encoding as an extraction of them would."""
         attrs = dict(self.root.attrs[ATTRS_KEY])
         attrs.pop(FILL_KEY, None)
+        attrs.pop(FILL_ENCODING, None)
+        extraction = {k: v for k, v in attrs["request"]["extraction"].items() if k != "map_encoding"}
+        if self.plan.map_encoding != encoding.EXACT_ENCODING:
+            extraction["map_encoding"] = self.plan.map_encoding
+        attrs["request"] = {**attrs["request"], "extraction": extraction}
         attrs.update(plan=self.plan.to_attrs(), **normalise(info))
         self.root.attrs[ATTRS_KEY] = attrs
         del self.root[FILL_DONE]
