@@ -38,10 +38,7 @@ def test_v1_fakes_inspect_with_the_known_scaling(fake, tmp_path):
     assert report["patch_size"] == [known.original_img_size] * 2
     stored = {b["dtype"] for name, b in report["bands"].items() if name not in ("Neon", "Canopy Height Model")}
     assert stored == {fake.dtype}
-    if fake.dataset == "mchesapeake":  # stored in [0, 1] here; the reference only clips
-        assert not report["warnings"]
-    else:
-        assert report["warnings"] == [], report["warnings"]
+    assert report["warnings"] == [], report["warnings"]
 
 
 def test_scaling_that_clips_is_warned(tmp_path):

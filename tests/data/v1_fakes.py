@@ -29,7 +29,7 @@ class Fake:
 
 
 FAKES = [
-    Fake("mbigearthnet", "ben", "s2_12", "float32", 6000),
+    Fake("mbigearthnet", "ben", "s2_12", "float32", 4000),
     Fake("mbrick-kiln", "brickkiln", "s2_13", "uint16", 4000),
     Fake("meurosat", "eurosat", "s2_13", "int16", 4000),
     Fake("mforestnet", "forestnet", "landsat_6", "uint8", 256),
