@@ -14,7 +14,9 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature caches.")
 demo_app = typer.Typer(no_args_is_help=True, help="Build the embedded demo task and backbone.")
+task_app = typer.Typer(no_args_is_help=True, help="Inspect GEO-Bench task folders.")
 app.add_typer(cache_app, name="cache")
+app.add_typer(task_app, name="task")
 app.add_typer(demo_app, name="demo")
 
 
@@ -115,7 +117,7 @@ def extract(
     --from-trajectory adds maps and/or pooled vectors to a cache that holds the trajectory."""
     from pipeline.config import load_config
     from pipeline.errors import UserError
-    from pipeline.extract import Extraction
+    from pipeline.extract import Extraction, rate_text
 
     with user_errors():
         for flag, given, why in (("--overwrite", overwrite, "rebuilds it"), ("--repair", repair, "re-extracts its damaged shards")):
@@ -134,7 +136,7 @@ def extract(
                 echo_fill(extraction.fill_from_trajectory(name, tiers=tiers, progress=progress, wait=wait))
                 continue
             result = extraction.run(name, overwrite=overwrite, progress=progress, repair=repair, wait=wait)
-            rate = f", {result.images_per_second:.1f} img/s" if result.extracted else " (already complete)"
+            rate = f", {rate_text(result.extracted, result.seconds)}" if result.extracted else " (already complete)"
             typer.echo(f"{result.path}: {result.num_samples} samples, {result.extracted} extracted{rate}")
 
 
@@ -142,7 +144,9 @@ def echo_fill(result) -> None:
     if not result.added:
         typer.echo(f"{result.path}: holds {','.join(result.already)} already; nothing to fill")
         return
-    done = f"{result.filled} filled, {result.unet_passes} UNet passes, {result.images_per_second:.1f} img/s" \
+    from pipeline.extract import rate_text
+
+    done = f"{result.filled} filled, {result.unet_passes} UNet passes, {rate_text(result.filled, result.seconds)}" \
         if result.filled else "every shard was filled before"
     typer.echo(f"{result.path}: {result.num_samples} samples, now holds {','.join(result.added)} from the trajectory "
                f"({done})")
@@ -332,6 +336,23 @@ def cache_verify(path: Annotated[str, typer.Argument(help="Cache path or URL (..
                    "re-extracts the shards named", err=True)
         raise typer.Exit(1)
     typer.echo(f"{path}: ok")
+
+
+@task_app.command("inspect")
+def task_inspect(
+    task_dir: Annotated[Path, typer.Argument(help="A GEO-Bench task folder, e.g. $GEO_BENCH_DIR/classification_v1.0/m-eurosat.")],
+    config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="Check the bands and band_scale of this experiment config (default: the known task of the folder's name).")] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Images read, spread evenly over the task's sample files.")] = 32,
+    clip_warn: Annotated[float, typer.Option(min=0, max=1, help="Warn when the scaling clips more than this share of a band's values.")] = 0.03,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """Per band dtype and value range, label values, split and partition sizes of a task, and the
+    share of pixels the configured scaling would clip."""
+    from pipeline.data.inspect import format_inspection, inspect_task
+
+    with user_errors():
+        report = inspect_task(task_dir, samples, str(config) if config else None, clip_warn)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_inspection(report))
 
 
 @demo_app.command("data")

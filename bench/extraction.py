@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _demo import demo_paths  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.extract import Extraction  # noqa: E402
+from pipeline.extract import Extraction, rate_text  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
             cfg = load_config(args.config, {**demo_paths(), "cache_dir": tmp, "diffusion_mode": mode})
             r = Extraction(cfg, args.device).run(args.split, progress=False)
             results[mode] = r
-            print(f"{mode:>10}: {r.extracted} images in {r.seconds:.1f} s = {r.images_per_second:.1f} img/s; "
+            print(f"{mode:>10}: {r.extracted} images in {r.seconds:.1f} s = {rate_text(r.extracted, r.seconds)}; "
                   f"{r.unet_passes / r.extracted:g} UNet passes per image; writing {r.write_seconds:.1f} s in the "
                   f"background, {r.write_wait_seconds:.2f} s waited for ({100 * r.write_wait_seconds / r.seconds:.1f} %)")
     inv, gen = results["inversion"], results["generation"]

@@ -281,7 +281,7 @@ def synthetic_cache(model_store: str, store: str, images: int) -> None:
             x = torch.randn(n, *plan.latent_shape)
             return BatchFeatures(x, maps, pooled, {t: x for t in plan.timesteps})
 
-    data = [{"image": torch.zeros(3, 8, 8), "name": f"synthetic_{i:05d}", "index": i,
+    data = [{"image": torch.zeros(3, 8, 8), "name": f"synthetic_{i:05d}", "index": i, "label_error": None,
              "label": rng.integers(0, num_classes, plan.label_shape).astype(plan.label_dtype)} for i in range(images)]
     cfg = Config(dataset_name=request["dataset"]["name"], num_workers=0)
     with WriterLock(store) as lock:

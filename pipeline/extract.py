@@ -28,6 +28,7 @@ from .cache.store import CacheError, CacheMismatch, check_location, is_url
 from .cache.writer import CacheWriter, lacking_objects
 from .config import Config, ConfigError
 from .data.geobench_task import GeoBenchSplit, TaskSource, collate
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,34 @@ class ExtractResult:
     @property
     def images_per_second(self) -> float:
         return self.extracted / self.seconds if self.seconds else 0.0
+
+
+def rate_text(images: int, seconds: float) -> str:
+    """Images per second, or seconds per image when that is below one: a slow run never reads
+    as "0.0 img/s"."""
+    if images <= 0 or seconds <= 0:
+        return "no images timed"
+    rate = images / seconds
+    return f"{rate:.1f} img/s" if rate >= 1 else f"{seconds / images:.1f} s/img"
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(asked: int) -> int:
+    """``num_workers`` capped to the usable cores: more worker processes than cores only compete
+    with the extraction for them (the reference's 4 on 2 cores made it several times slower)."""
+    cores = usable_cores()
+    if asked > cores:
+        log.warning("num_workers %d is more than the %d CPU core(s) this process may use; using %d loader workers",
+                    asked, cores, cores)
+        return cores
+    return asked
 
 
 class Extraction:
@@ -381,7 +410,7 @@ def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter,
     plan = writer.plan
     shards = writer.pending_shards()
     batches = shard_batches(plan, shards, cfg.extract_batch_size)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=collate)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=loader_workers(cfg.num_workers), collate_fn=collate)
     todo = sum(len(b) for b in batches)
     passes = extractor.unet_passes(plan.tiers)
     shard_iter = iter(shards)
@@ -395,6 +424,9 @@ def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter,
             ThreadPoolExecutor(max_workers=1) as background:
         pending = None
         for batch in loader:
+            problems = [e for e in batch["label_error"] if e]
+            if problems:
+                raise UserError(problems[0])
             part = extractor(batch["image"], batch["name"], plan.tiers)
             buffer.add(batch_arrays(plan, part, batch["label"], batch["name"]))
             del part

@@ -32,10 +32,11 @@ def write_plots(out_dir: Path, result, model, aux: dict) -> None:
     if "expert_usage" in aux:
         _expert_usage(plt, folder, aux["expert_usage"], list(model.fuser.scales))
     test = result.metrics["test"]
+    names = list(result.class_names) if result.class_names else None
     if "iou" in test:
-        _iou(plt, folder, test["iou"])
+        _iou(plt, folder, test["iou"], names)
     elif "confusion_matrix" in test:
-        _confusion(plt, folder, np.asarray(test["confusion_matrix"]))
+        _confusion(plt, folder, np.asarray(test["confusion_matrix"]), names)
 
 
 def _curves(plt, folder: Path, history: list, select: str) -> None:
@@ -90,17 +91,25 @@ def _expert_usage(plt, folder: Path, usage: np.ndarray, scales) -> None:
     plt.close(fig)
 
 
-def _confusion(plt, folder: Path, cm: np.ndarray) -> None:
+def _class_labels(names: list | None, n: int) -> list:
+    return names if names and len(names) == n else list(range(n))
+
+
+def _confusion(plt, folder: Path, cm: np.ndarray, names: list | None = None) -> None:
+    labels = _class_labels(names, len(cm))
     with open(folder / "confusion.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["actual", "predicted"])
         for a in range(len(cm)):
             for p in range(len(cm)):
-                w.writerows([[a, p]] * int(cm[a, p]))
-    fig, ax = plt.subplots(figsize=(4, 4))
+                w.writerows([[labels[a], labels[p]]] * int(cm[a, p]))
+    side = 4 + 0.25 * max(0, len(cm) - 8)
+    fig, ax = plt.subplots(figsize=(side, side))
     ax.imshow(cm, cmap="Blues")
     for (a, p), n in np.ndenumerate(cm):
         ax.text(p, a, str(n), ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(cm)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(cm)), labels, fontsize=7)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
     ax.set_title("test confusion matrix")
@@ -109,13 +118,15 @@ def _confusion(plt, folder: Path, cm: np.ndarray) -> None:
     plt.close(fig)
 
 
-def _iou(plt, folder: Path, iou: list) -> None:
+def _iou(plt, folder: Path, iou: list, names: list | None = None) -> None:
+    labels = _class_labels(names, len(iou))
     with open(folder / "iou.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "iou"])
-        w.writerows([[c, f"{v:.6g}"] for c, v in enumerate(iou)])
-    fig, ax = plt.subplots(figsize=(5, 3))
+        w.writerows([[c, f"{v:.6g}"] for c, v in zip(labels, iou)])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.bar(range(len(iou)), iou)
+    ax.set_xticks(range(len(iou)), labels, rotation=60, ha="right", fontsize=7)
     ax.set_xlabel("class")
     ax.set_ylabel("IoU")
     ax.set_ylim(0, 1)

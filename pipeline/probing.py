@@ -19,6 +19,7 @@ import numpy as np
 
 from .cache.reader import FeatureCache, open_cache
 from .cache.store import CacheError
+from .data.geobench_task import partition_file
 from .metrics import SELECTION
 from .outputs import output_folder
 from .probe import ALL, Cell, Probe, ProbeError, ProbeSettings, best_cells, settings_dict
@@ -83,6 +84,7 @@ def fraction(partition: str) -> float:
 def _dataset(task_dir: Path):
     from geobench.dataset import GeobenchDataset
 
+    partition_file(task_dir, "default")
     try:
         return GeobenchDataset(task_dir)
     except (ValueError, FileNotFoundError) as err:  # no such folder, or no default_partition.json
@@ -101,6 +103,7 @@ def partition_indices(task_dir: Path, partition: str, train: FeatureCache) -> np
     dataset = _dataset(task_dir)
     if partition not in dataset.list_partitions():
         raise ProbeError(f"--partition {partition!r}: {task_dir} has partitions {sorted(dataset.list_partitions())}")
+    partition_file(task_dir, partition)
     names = dataset.load_partition(partition).partition_dict["train"]
     row = {name: i for i, name in enumerate(train.sample_names)}
     missing = [n for n in names if n not in row]

@@ -111,6 +111,7 @@ class FitResult:
     history: list = field(default_factory=list)
     epochs: int = 0
     seconds: float = 0.0
+    class_names: tuple | None = None  # for the plots; None: classes shown by index
 
 
 Batches = Callable[[int], Iterator[tuple[dict, torch.Tensor, np.ndarray]]]
@@ -232,4 +233,6 @@ def train(cfg: Config, model: FusionModel, splits: Splits, out_dir: Path, device
     metrics = {"selection_metric": select, "best_step": best_step, "epochs_run": epochs_done, "val": val, "test": test,
                "train_seconds": round(seconds, 2), "parameters": parameter_count(model), "train_images_seen": seen,
                "data_wait_seconds": round(data_wait, 3)}
-    return FitResult(out_dir, metrics, history, epochs_done, seconds)
+    from .data.geobench_task import class_names
+
+    return FitResult(out_dir, metrics, history, epochs_done, seconds, class_names(cfg))

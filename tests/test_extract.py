@@ -492,3 +492,45 @@ def test_a_lossy_extraction_records_the_error_of_its_maps_against_the_exact_ones
             assert recorded["max_abs"] == float(np.abs(err).max())
             assert recorded["rel_l2"] == pytest.approx(np.sqrt((err**2).sum() / (x**2).sum()), rel=1e-9)
     assert verify_cache(lossy) == []
+
+
+# ---- loader workers and the rate line --------------------------------------------------------------
+
+
+def test_num_workers_above_the_cores_is_capped_and_said(caplog):
+    import logging
+    import os
+
+    from pipeline.extract import loader_workers, usable_cores
+
+    cores = len(os.sched_getaffinity(0))
+    assert usable_cores() == cores
+    with caplog.at_level(logging.WARNING, logger="pipeline.extract"):
+        assert loader_workers(cores + 3) == cores
+    assert f"num_workers {cores + 3} is more than the {cores} CPU core(s)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.extract"):
+        assert loader_workers(cores) == cores and loader_workers(0) == 0
+    assert not caplog.text
+
+
+def test_extraction_with_more_workers_than_cores_runs(make_config, tmp_path, caplog):
+    import logging
+    import os
+
+    from pipeline.extract import Extraction
+
+    cfg = make_config(num_workers=len(os.sched_getaffinity(0)) + 2)
+    with caplog.at_level(logging.WARNING, logger="pipeline.extract"):
+        result = Extraction(cfg).run("val", progress=False)
+    assert result.extracted == 8 and "using" in caplog.text
+
+
+def test_rate_never_reads_zero():
+    from pipeline.extract import rate_text
+
+    assert rate_text(5, 115.0) == "23.0 s/img"  # 0.04 img/s
+    assert rate_text(100, 10.0) == "10.0 img/s"
+    assert rate_text(1, 1.0) == "1.0 img/s"
+    assert rate_text(0, 0.0) == "no images timed"
+    assert all("0.0 img/s" not in rate_text(n, s) for n in (1, 3, 7) for s in (0.5, 20.0, 400.0))

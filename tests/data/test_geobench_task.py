@@ -80,3 +80,169 @@ def test_known_tasks_need_no_extra_keys_and_unknown_ones_say_what_to_set(tmp_pat
     odd = load_config("configs/eurosat_exp.yaml", {"dataset_name": "mystery", "geobench_dir": str(tmp_path)})
     with pytest.raises(ValueError, match="set geobench_task, bands, band_scale in its task file"):
         TaskSource.from_config(odd)
+
+
+# ---- the twelve GEO-Bench v1 tasks ---------------------------------------------------------------
+
+from v1_fakes import FAKES, write_fake  # noqa: E402
+
+from pipeline.data.geobench_task import KNOWN_TASKS, class_names, load_task_specs, partition_file  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
+
+
+@pytest.mark.parametrize("fake", FAKES, ids=[f.dataset for f in FAKES])
+def test_v1_config_agrees_with_the_known_task_table(fake):
+    cfg = load_config(f"configs/{fake.exp}_exp.yaml")
+    known = KNOWN_TASKS[cfg.dataset_name]
+    assert (cfg.task, cfg.num_classes, cfg.original_img_size, cfg.img_size, cfg.prompt) == (
+        known.task, known.num_classes, known.original_img_size, known.img_size, known.prompt)
+    assert cfg.img_size in (256, 512)  # the DiffusionSat checkpoints' resolutions
+    assert class_names(cfg) == known.class_names
+    assert known.folder.startswith("m-") and known.geobench_task.split("/")[0] in (
+        "classification_v1.0", "segmentation_v1.0")
+
+
+def test_the_table_holds_the_twelve_v1_tasks():
+    folders = {k.folder for k in KNOWN_TASKS.values()}
+    assert folders == {"m-bigearthnet", "m-brick-kiln", "m-eurosat", "m-forestnet", "m-pv4ger", "m-so2sat",
+                       "m-cashew-plant", "m-chesapeake", "m-NeonTree", "m-nz-cattle", "m-pv4ger-seg",
+                       "m-SA-crop-type"}
+    assert {f.dataset for f in FAKES} == set(KNOWN_TASKS)
+
+
+def _fast(root, tiny_backbone, tmp_path, **extra) -> dict:
+    return {"geobench_dir": str(root), "pretrained_model_name_or_path": str(tiny_backbone.root), "img_size": 64,
+            "cache_dir": str(tmp_path / "cache"), "shard_size": 4, "extract_batch_size": 4, "num_workers": 0,
+            "device": "cpu", "projection_dim": 128, "channels": 32, "batch_size": 4, "val_batch_size": 4,
+            "max_train_epochs": 1, "eval_every_n_steps": 1, "moe_warmup_steps": 2, **extra}
+
+
+@pytest.mark.parametrize("fake", FAKES, ids=[f.dataset for f in FAKES])
+def test_v1_task_runs_extract_probe_fit(fake, tmp_path, tiny_backbone):
+    """Each task's fake, of its real bands, dtype, label kind and patch size, through extraction
+    (tiny backbone, 64 px), the probe map and a one-epoch fit."""
+    import json
+
+    from pipeline.cache.reader import open_cache
+    from pipeline.extract import Extraction
+    from pipeline.fit import fit
+    from pipeline.probe import ProbeSettings
+    from pipeline.probing import run_probe
+
+    root = tmp_path / "geobench"
+    write_fake(root, fake)
+    cfg = load_config(f"configs/{fake.exp}_exp.yaml", _fast(root, tiny_backbone, tmp_path))
+    extraction = Extraction(cfg)
+    for split in ("train", "val", "test"):
+        assert extraction.run(split, progress=False).num_samples == {"train": 4, "val": 2, "test": 2}[split]
+    train = open_cache(cfg.cache_path("train"))
+    known = KNOWN_TASKS[cfg.dataset_name]
+    assert train.request["dataset"]["class_names"] == list(known.class_names)
+    labels = train.labels(list(range(len(train))))
+    size = known.original_img_size
+    want = {"segmentation": (4, size, size), "multi_label_classification": (4, known.num_classes)}.get(cfg.task, (4,))
+    assert tuple(np.asarray(labels).shape) == want
+    settings = ProbeSettings.from_dict({"c_grid": [1.0], "seg_pixels": 8, "n_jobs": 1}, "test")
+    probe = run_probe(tmp_path / "cache" / cfg.dataset_name, tmp_path / "probe", settings)
+    assert 0.0 <= probe["all"]["test"] <= 1.0
+    metrics = fit(cfg, tmp_path / "fit", progress=False)
+    assert metrics["epochs_run"] == 1 and json.loads((tmp_path / "fit" / "metrics.json").read_text())
+    plot = tmp_path / "fit" / "plots" / ("iou.csv" if cfg.task == "segmentation" else "confusion.csv")
+    if cfg.task != "multi_label_classification":
+        named = {row.split(",")[0] for row in plot.read_text().splitlines()[1:]}
+        assert named and named <= set(known.class_names)  # classes by name, not index
+
+
+# ---- real GEO-Bench files --------------------------------------------------------------------------
+
+EUROSAT = next(f for f in FAKES if f.dataset == "meurosat")
+CATTLE = next(f for f in FAKES if f.dataset == "mnz-cattle")
+
+
+def test_label_outside_num_classes_stops_extraction_naming_sample_and_value(tmp_path, tiny_backbone):
+    from pipeline.extract import Extraction
+
+    root = tmp_path / "geobench"
+    write_fake(root, EUROSAT, labels={2: 12})
+    # A loader worker finds it: the message still arrives whole, in one line.
+    cfg = load_config("configs/eurosat_exp.yaml", _fast(root, tiny_backbone, tmp_path, num_workers=1))
+    with pytest.raises(UserError, match=r"sample s2 has label value 12 outside classes 0\.\.9 \(num_classes 10\)") as err:
+        Extraction(cfg).run("train", progress=False)
+    assert "\n" not in str(err.value)
+
+
+def test_segmentation_label_value_is_checked_before_it_becomes_uint8(tmp_path, tiny_backbone):
+    from pipeline.extract import Extraction
+
+    root = tmp_path / "geobench"
+    bad = np.zeros((500, 500), np.int16)
+    bad[10, 10] = 258  # 2 once wrapped into uint8: a valid class by accident
+    write_fake(root, CATTLE, labels={1: bad})
+    cfg = load_config("configs/nzcattle_exp.yaml", _fast(root, tiny_backbone, tmp_path))
+    with pytest.raises(UserError, match=r"sample s1 has label value 258 outside classes 0\.\.1"):
+        Extraction(cfg).run("train", progress=False)
+
+
+def test_dangling_default_partition_link_names_its_target(tmp_path, tiny_backbone):
+    import shutil
+
+    written = tmp_path / "converted"
+    task_dir = write_fake(written, EUROSAT)
+    old_target = str(task_dir / "original_partition.json")
+    root = tmp_path / "geobench"
+    shutil.move(str(written), str(root))  # geobench linked default_partition.json by the old path
+    moved = root / "classification_v1.0" / "m-eurosat"
+    cfg = load_config("configs/eurosat_exp.yaml", _fast(root, tiny_backbone, tmp_path))
+    with pytest.raises(UserError) as err:
+        GeoBenchSplit(TaskSource.from_config(cfg), "train")
+    assert str(err.value) == (f"{moved / 'default_partition.json'} is a symlink to {old_target}, which does not "
+                              f"exist; ln -sf original_partition.json {moved / 'default_partition.json'}")
+    (moved / "default_partition.json").unlink()
+    (moved / "default_partition.json").symlink_to("original_partition.json")
+    assert partition_file(moved, "default").is_file()
+    assert len(GeoBenchSplit(TaskSource.from_config(cfg), "train")) == 4
+
+
+def _pickle_as_old_geobench(task_dir):
+    """Rewrite task_specs.pkl as geobench's predecessor (``ccb.io.*`` modules) pickled it."""
+    import pickle
+
+    import geobench
+    from geobench import dataset, label, task
+
+    specs = geobench.load_task_specs(task_dir)
+    classes = {cls: cls.__module__ for cls in (task.TaskSpecifications, label.Classification, dataset.Sentinel2)}
+    renamed = {task.TaskSpecifications: "ccb.io.task", label.Classification: "ccb.io.label",
+               dataset.Sentinel2: "ccb.io.dataset"}
+    try:
+        for cls, module in renamed.items():
+            cls.__module__ = module
+        (task_dir / "task_specs.pkl").write_bytes(pickle.dumps(specs, protocol=4))
+    finally:
+        for cls, module in classes.items():
+            cls.__module__ = module
+
+
+def test_task_specs_of_older_geobench_load_through_its_loader(tmp_path, tiny_backbone):
+    import subprocess
+    import sys
+
+    root = tmp_path / "geobench"
+    task_dir = write_fake(root, EUROSAT)
+    _pickle_as_old_geobench(task_dir)
+    assert b"ccb.io.task" in (task_dir / "task_specs.pkl").read_bytes()
+    plain = subprocess.run([sys.executable, "-c", f"import pickle; pickle.load(open({str(task_dir / 'task_specs.pkl')!r}, 'rb'))"],
+                           capture_output=True, text=True)
+    assert "No module named 'ccb'" in plain.stderr  # unreadable without geobench's module aliases
+    assert load_task_specs(task_dir).label_type.n_classes == 10
+    cfg = load_config("configs/eurosat_exp.yaml", _fast(root, tiny_backbone, tmp_path))
+    assert GeoBenchSplit(TaskSource.from_config(cfg), "test")[0]["label"].dtype == np.int64
+
+
+def test_unreadable_task_specs_is_one_line(tmp_path):
+    root = tmp_path / "geobench"
+    task_dir = write_fake(root, EUROSAT)
+    (task_dir / "task_specs.pkl").write_bytes((task_dir / "task_specs.pkl").read_bytes()[:40])
+    with pytest.raises(UserError, match=r"task_specs.pkl cannot be read by geobench .*'s loader \(\w+Error") as err:
+        load_task_specs(task_dir)
+    assert "\n" not in str(err.value)
