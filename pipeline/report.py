@@ -79,6 +79,8 @@ class Grid:
         """The grid of a params.yaml: ``tasks`` and the ``fit`` section's ``fusers``, ``partitions``
         (default ``[default]``) and ``seeds`` (default ``[42]``)."""
         fit = params.get("fit") or {}
+        if not isinstance(fit, dict):
+            raise ConfigError(f"{where} fit: expected a mapping (fusers, partitions, seeds, ...), found {fit!r}")
         tasks = params.get("tasks")
         if not isinstance(tasks, list) or not tasks:
             raise ConfigError(f"{where} tasks: expected a list of {{config, dataset, geobench}} entries, found {tasks!r}")
@@ -176,10 +178,10 @@ def probe_rows(probe_root: Path, tasks) -> list[dict]:
                             f"with `dvc repro`")
         m = _json(path)
         for name in ("best_layer", "best_timestep", "all"):
-            if name in m:
-                cell = m[name]
+            cell = m.get(name)
+            if isinstance(cell, dict) and isinstance(cell.get("test"), (int, float)):  # a skipped probe has none
                 rows.append({"task": task.dataset, "kind": "probe", "fuser": f"{name} ({cell['timestep']}, {cell['layer']})",
-                             "seed": "", "partition": "default", "metric": m["metric"], "value": cell["test"],
+                             "seed": "", "partition": "default", "metric": m.get("metric"), "value": cell["test"],
                              "unet_passes": 0, "reference_unet_passes": ""})
         curve = path.parent / "label_efficiency.csv"
         if curve.exists():
@@ -372,7 +374,7 @@ def additional_info(fits: list[dict], grid: Grid, board: Leaderboard) -> dict:
     models = []
     for fuser in grid.fusers:
         sizes = sorted({f["_parameters"] for f in fits if f["fuser"] == fuser and f["_parameters"]})
-        size = "–".join(_millions(n) for n in dict.fromkeys([sizes[0], sizes[-1]])) if sizes else "N/A"
+        size = " to ".join(_millions(n) for n in dict.fromkeys([sizes[0], sizes[-1]])) if sizes else "N/A"
         models.append({"model_display_name": f"{board.backbone} + SatDiFuser {fuser.upper()}",
                        "model_size": f"{size} trainable (fuser and head; the backbone is frozen)",
                        "unique_backbone_key": board.backbone_key(fuser)})

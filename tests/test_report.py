@@ -271,3 +271,14 @@ def test_the_ledger_totals_the_named_tasks_caches_and_fits(tmp_path):
     assert "| toy | gw | default | 1 | accuracy | 0.7100 | 3 | 1.5 | 0 | 800 |" in md
     assert "UNet passes spent: **200**" in md and "ratio: **8.0×**" in md and "stale" not in md
     assert json.loads((tmp_path / "reports" / "ledger.json").read_text()) == totals
+
+
+def test_a_skipped_probe_and_an_empty_curve_leave_only_the_fits(tmp_path):
+    grid = make_grid(tmp_path, params(partitions=("default",), seeds=(1, 2)))
+    folder = tmp_path / "probes" / "toy"
+    (folder / "metrics.json").write_text(json.dumps({"task": "classification", "skipped": "one class in train"}))
+    (folder / "label_efficiency.csv").write_text("partition,fraction,draw,probe,timestep,layer,n_train,metric,value\n")
+    report(tmp_path, grid)
+    kinds = {r["kind"] for r in read_csv(tmp_path / "reports" / "summary.csv")}
+    assert kinds == {"fit"}
+    assert {r["kind"] for r in read_csv(tmp_path / "reports" / "label_efficiency.csv")} == {"fit"}
