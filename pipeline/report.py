@@ -450,7 +450,7 @@ def _aggregate_metrics(stats_rows: list[dict]) -> dict:
         cell = {k: round(r[k], 6) for k in ("iqm", "iqm_low", "iqm_high") if not math.isnan(r[k])}
         if r["task"] != "aggregated" and not math.isnan(r["normalised_iqm"]):
             cell["normalised_iqm"] = round(r["normalised_iqm"], 6)
-        out[f"{r['task']}/{r['fuser']}/{r['partition']}"] = cell | {"n": r["n"]}
+        out[f"{r['task']}/{r['fuser']}/{r['partition']}"] = cell
     return out
 
 
