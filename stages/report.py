@@ -20,6 +20,8 @@ def main(path: str = "params.yaml") -> None:
     unknown = set(p) - SECTION_KEYS
     if unknown:
         raise ConfigError(f"{path} report: unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(SECTION_KEYS))}")
+    if not isinstance(p.get("out", "reports"), str) or not p.get("out", "reports"):
+        raise ConfigError(f"{path} report.out: expected a folder name, found {p['out']!r}")
     for key in ("bootstrap", "leaderboard"):
         if not isinstance(p.get(key) or {}, dict):
             raise ConfigError(f"{path} report.{key}: expected a mapping, found {p[key]!r}")
