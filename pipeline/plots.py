@@ -195,3 +195,41 @@ def label_efficiency_plot(path: Path, curve: list[dict], metric: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+
+def grid_label_efficiency_plot(path: Path, curve: list[dict], metrics: dict[str, str]) -> None:
+    """One panel per task, metric vs training fraction: each fuser's IQM over seeds with its
+    interval as a band, each probe's partition value (dashed) with the range of its random draws;
+    last, the aggregate over tasks of the fusers' normalised scores. ``curve`` holds the rows of
+    the report's label_efficiency.csv."""
+    plt = _pyplot()
+    tasks = list(dict.fromkeys(r["task"] for r in curve))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        mine = [r for r in curve if r["task"] == task]
+        methods = list(dict.fromkeys((r["kind"], r["method"]) for r in mine))
+        for k, (kind, method) in enumerate(methods):
+            points = sorted((r["fraction"], r["value"], r["low"], r["high"]) for r in mine
+                            if (r["kind"], r["method"]) == (kind, method))
+            x, y, low, high = (np.array(v, dtype=float) for v in zip(*points))
+            style = "o-" if kind == "fit" else "s--"
+            ax.plot(x, y, style, color=f"C{k}", ms=4, lw=1.4 if kind == "fit" else 1, label=method)
+            if np.isnan(low).all():
+                continue
+            if kind == "fit" and len(x) > 1:
+                ax.fill_between(x, low, high, color=f"C{k}", alpha=0.2, lw=0)
+            else:  # a band needs two fractions: bars show a lone point's interval, and a probe's draws
+                ax.errorbar(x, y, yerr=[y - low, high - y], fmt="none", color=f"C{k}", capsize=3, alpha=0.6)
+        if len({r["fraction"] for r in mine}) > 1:
+            ax.set_xscale("log")
+        ax.set_xlabel("training fraction (GEO-Bench partition)")
+        ax.set_ylabel("normalised IQM" if task == "aggregated" else f"test {metrics.get(task, '')}")
+        ax.set_title("aggregated over tasks" if task == "aggregated" else task)
+        ax.legend(fontsize=7)
+    fig.suptitle("label efficiency (fits: IQM over seeds and its interval; probes: partition and random draws)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
