@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,12 @@ from .cache.reader import FeatureCache, open_cache
 from .cache.store import CacheError
 from .metrics import SELECTION
 from .outputs import output_folder
+from .partitions import PartitionError, fraction, list_partitions, partition_indices
 from .probe import ALL, Cell, Probe, ProbeError, ProbeSettings, best_cells, settings_dict
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-PARTITION = re.compile(r"^(\d+(?:\.\d+)?)x_train$")  # GEO-Bench's training-fraction partitions
 
 
 def open_task_caches(cache_dir: str | Path, storage_options: dict | None = None) -> dict[str, FeatureCache]:
@@ -71,43 +70,6 @@ class TaskInfo:
 
 
 # ---- partitions ---------------------------------------------------------------------------------
-
-
-def fraction(partition: str) -> float:
-    m = PARTITION.match(partition)
-    if not m:
-        raise ProbeError(f"--partition {partition!r} is not a training-fraction partition like '0.10x_train'")
-    return float(m.group(1))
-
-
-def _dataset(task_dir: Path):
-    from geobench.dataset import GeobenchDataset
-
-    try:
-        return GeobenchDataset(task_dir)
-    except (ValueError, FileNotFoundError) as err:  # no such folder, or no default_partition.json
-        raise ProbeError(f"{task_dir} is not a GEO-Bench task folder ({err}); check --geobench-dir") from None
-
-
-def list_partitions(task_dir: Path) -> list[str]:
-    """The task's ``<f>x_train`` partitions, smallest fraction first (read with geobench's loader)."""
-
-    names = [p for p in _dataset(task_dir).list_partitions() if PARTITION.match(p)]
-    return sorted(names, key=fraction)
-
-
-def partition_indices(task_dir: Path, partition: str, train: FeatureCache) -> np.ndarray:
-    """Row indices into the train cache of a partition's training samples, in the partition's order."""
-    dataset = _dataset(task_dir)
-    if partition not in dataset.list_partitions():
-        raise ProbeError(f"--partition {partition!r}: {task_dir} has partitions {sorted(dataset.list_partitions())}")
-    names = dataset.load_partition(partition).partition_dict["train"]
-    row = {name: i for i, name in enumerate(train.sample_names)}
-    missing = [n for n in names if n not in row]
-    if missing:
-        raise ProbeError(f"--partition {partition}: {len(missing)} of its training samples (e.g. {missing[0]!r}) are not in "
-                         f"the train cache; extract train from a partition that contains it (e.g. 'default')")
-    return np.array([row[n] for n in names], dtype=np.int64)
 
 
 def random_draw(official: np.ndarray, labels: np.ndarray, seed: int, stratify: bool) -> np.ndarray:
@@ -243,4 +205,5 @@ def _write_curve(out_dir: Path, curve: list[dict], metric: str) -> None:
     label_efficiency_plot(out_dir / "label_efficiency.png", curve, metric)
 
 
-__all__ = ["ALL", "ProbeError", "TaskInfo", "list_partitions", "open_task_caches", "partition_indices", "run_probe"]
+__all__ = ["ALL", "PartitionError", "ProbeError", "TaskInfo", "fraction", "list_partitions", "open_task_caches",
+           "partition_indices", "run_probe"]

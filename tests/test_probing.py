@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.probe import ProbeError, ProbeSettings
 from pipeline.probing import (
-    TaskInfo, fraction, list_partitions, open_task_caches, partition_indices, random_draw, run_probe,
+    PartitionError, TaskInfo, fraction, list_partitions, open_task_caches, partition_indices, random_draw, run_probe,
 )
 
 FAST = ProbeSettings(c_grid=(0.1, 1.0), n_jobs=2, max_iter=100, seg_pixels=8)
@@ -97,13 +97,13 @@ def test_errors_name_the_input_and_the_fix(demo_caches, tmp_path):
         open_task_caches(tmp_path / "nothing")
     with pytest.raises(ProbeError, match="needs the task's GEO-Bench folder; pass --geobench-dir"):
         run_probe(cache_dir, tmp_path / "out", FAST, None, ["0.10x_train"])
-    with pytest.raises(ProbeError, match=r"'0.3x_train': .* has partitions \['0.01x_train'"):
+    with pytest.raises(PartitionError, match=r"'0.3x_train': .* has partitions \['0.01x_train'"):
         partition_indices(task_dir, "0.3x_train", open_task_caches(cache_dir)["train"])
-    with pytest.raises(ProbeError, match="not a training-fraction partition like '0.10x_train'"):
+    with pytest.raises(PartitionError, match="not a training-fraction partition like '0.10x_train'"):
         run_probe(cache_dir, tmp_path / "out", FAST, task_dir, ["default"])
-    with pytest.raises(ProbeError, match=r"'0.3x_train': .* has partitions"):  # before any probe is fitted
+    with pytest.raises(PartitionError, match=r"'0.3x_train': .* has partitions"):  # before any probe is fitted
         run_probe(cache_dir, tmp_path / "out", FAST, task_dir, ["0.10x_train", "0.3x_train"])
-    with pytest.raises(ProbeError, match=r"is not a GEO-Bench task folder .*; check --geobench-dir"):
+    with pytest.raises(PartitionError, match=r"is not a GEO-Bench task folder .*; check --geobench-dir"):
         run_probe(cache_dir, tmp_path / "out", FAST, tmp_path / "nowhere", ["all"])
     assert not (tmp_path / "out").exists()  # refused before writing anything
 
