@@ -44,11 +44,14 @@ def fit_rows(exp_root: Path) -> list[dict]:
     for path in sorted(exp_root.glob("**/metrics.json")):
         if any(part.startswith(".") for part in path.relative_to(exp_root).parts):
             continue  # a fit's partial output (pipeline.outputs), not a result
-        m = json.loads(path.read_text())
+        if not (path.parent / "run.json").is_file():
+            continue  # not a fit's run folder
+        # A run's numbers are in metrics.json, what it was in run.json.
+        m = {**json.loads((path.parent / "run.json").read_text()), **json.loads(path.read_text())}
         metric = m["selection_metric"]
         ledger = m.get("ledger", {})
         rows.append({"task": m["dataset"], "kind": "fit", "fuser": m["fuser"], "seed": m.get("seed"),
-                     "partition": "default", "metric": metric, "value": m["test"][metric],
+                     "partition": m.get("partition", "default"), "metric": metric, "value": m["test"][metric],
                      "unet_passes": ledger.get("unet_passes", 0), "reference_unet_passes": ledger.get("reference_unet_passes"),
                      "_epochs": m.get("epochs_run"), "_seconds": m.get("train_seconds"), "_dir": str(path.parent)})
     return rows

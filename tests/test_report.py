@@ -12,14 +12,17 @@ def test_report_gathers_results_and_totals_the_ledger(tmp_path):
         writer = write_synthetic_cache(str(tmp_path / "cache" / "toy" / f"{split}.zarr"), np.arange(n) % 2, ("t47",),
                                        {"a": (4, 2, 2)}, shard_size=4, split=split)
         writer.update_info(ledger={"unet_passes": 10 * n, "vae_passes": n, "bytes_stored": 1000 * n})
-    fit_dir = tmp_path / "experiments" / "toy" / "gw"
+    fit_dir = tmp_path / "experiments" / "toy" / "gw" / "default" / "seed42"
     fit_dir.mkdir(parents=True)
     (fit_dir / "metrics.json").write_text(json.dumps({
-        "dataset": "toy", "fuser": "gw", "seed": 42, "selection_metric": "accuracy", "test": {"accuracy": 0.75},
-        "epochs_run": 3, "train_seconds": 1.5, "ledger": {"unet_passes": 0, "reference_unet_passes": 800}}))
-    stopped = tmp_path / "experiments" / "toy" / ".lw.partial"  # a fit that did not finish
-    stopped.mkdir()
-    (stopped / "metrics.json").write_text((fit_dir / "metrics.json").read_text().replace('"gw"', '"lw"'))
+        "test": {"accuracy": 0.75}, "test_score": 0.75, "epochs_run": 3, "train_seconds": 1.5}))
+    (fit_dir / "run.json").write_text(json.dumps({
+        "dataset": "toy", "fuser": "gw", "partition": "default", "seed": 42, "selection_metric": "accuracy",
+        "ledger": {"unet_passes": 0, "reference_unet_passes": 800}}))
+    stopped = tmp_path / "experiments" / "toy" / "lw" / "default" / ".seed42.partial"  # a fit that did not finish
+    stopped.mkdir(parents=True)
+    for name in ("metrics.json", "run.json"):
+        (stopped / name).write_text((fit_dir / name).read_text().replace('"gw"', '"lw"'))
     probe_dir = tmp_path / "probes" / "toy"
     probe_dir.mkdir(parents=True)
     (probe_dir / "metrics.json").write_text(json.dumps({
