@@ -101,20 +101,26 @@ def run_probe(cache_dir: str | Path, out_dir: str | Path, settings: ProbeSetting
     info = TaskInfo.of(caches)
     if partitions and task_dir is None:
         raise ProbeError("--partition needs the task's GEO-Bench folder; pass --geobench-dir or set GEO_BENCH_DIR")
+    no_curve = None
     if partitions == ["all"]:
         partitions = list_partitions(Path(task_dir))
-        if not partitions:
-            raise ProbeError(f"{task_dir} has no '<f>x_train' partitions")
+        if not partitions:  # the map is still worth having; the curve's files say why they are empty
+            no_curve = f"{task_dir} has no '<f>x_train' partitions: no label-efficiency curve"
+            log.warning("%s; probing the map only", no_curve)
     # Every partition is resolved to train-cache rows before any probe runs, so a bad name fails early.
     resolved = {}
     for p in partitions or []:
         fraction(p)
         resolved[p] = partition_indices(Path(task_dir), p, caches["train"])
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     start = time.perf_counter()
     probe = Probe(caches, info.kind, info.num_classes, settings)
+    classes = _train_classes(probe)
+    if classes is not None and len(classes) < 2:
+        raise ProbeError(f"--cache {cache_dir}: every training {'pixel' if info.kind == 'segmentation' else 'image'} "
+                         f"probed is of class {int(classes[0])}, and a probe needs at least 2 classes to learn from; "
+                         "extract a training split (or partition) that holds more than one class")
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = probe.run()
     seconds = time.perf_counter() - start
     best = best_cells(rows)
@@ -124,6 +130,8 @@ def run_probe(cache_dir: str | Path, out_dir: str | Path, settings: ProbeSetting
               "settings": settings_dict(settings, probe.grid or None), "seconds": round(seconds, 1),
               "split_sizes": {s: len(c) for s, c in caches.items()},
               "best": {k: _find(rows, c) for k, c in best.items()}, "rows": rows}
+    if no_curve:
+        record["label_efficiency"] = no_curve
     _write_map(out_dir, record)
 
     from .plots import probe_heatmap
@@ -137,6 +145,8 @@ def run_probe(cache_dir: str | Path, out_dir: str | Path, settings: ProbeSetting
         _write_curve(out_dir, curve, rows[0]["metric"])
         metrics["label_efficiency"] = {f"{r['partition']}/{r['probe'].replace(' ', '_')}": round(r["value"], 4)
                                        for r in curve if r["draw"] == "partition" and r["value"] is not None}
+    elif no_curve:
+        _write_curve(out_dir, [], rows[0]["metric"], no_curve)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -167,10 +177,20 @@ def label_efficiency(probe: Probe, train: FeatureCache, partitions: dict[str, np
     return out
 
 
+def _train_classes(probe: Probe, indices: np.ndarray | None = None) -> np.ndarray | None:
+    """The classes among the labels a probe trains on (for segmentation the sampled grid pixels, not
+    the masks); None for multi-label tasks, whose probes are one per class."""
+    if probe.task == "multi_label_classification":
+        return None
+    train = probe.splits["train"] if indices is None else probe.splits["train"].subset(indices)
+    return np.unique(train.labels(probe.num_classes))
+
+
 def _probe_subset(probe: Probe, indices: np.ndarray, cells: list[Cell]) -> list[dict]:
-    # The labels the probe trains on: for segmentation the sampled grid pixels, not the masks.
-    trained_on = probe.splits["train"].subset(indices).labels(probe.num_classes)
-    if probe.task != "multi_label_classification" and len(np.unique(trained_on)) < 2:
+    classes = _train_classes(probe, indices)
+    if classes is not None and len(classes) < 2:
+        log.warning("label efficiency: a training set of %d samples holds class %d only: skipped", len(indices),
+                    int(classes[0]))
         return [{"timestep": c.timestep, "layer": c.layer, "metric": SELECTION[probe.task], "value": None,
                  "skipped": "fewer than 2 classes in this training set"} for c in cells]
     return probe.run(cells, train_indices=indices)
@@ -195,14 +215,18 @@ def _write_map(out_dir: Path, record: dict) -> None:
         w.writerows(rows)
 
 
-def _write_curve(out_dir: Path, curve: list[dict], metric: str) -> None:
+CURVE_COLUMNS = ["partition", "fraction", "draw", "probe", "timestep", "layer", "n_train", "metric", "value", "C",
+                 "skipped"]
+
+
+def _write_curve(out_dir: Path, curve: list[dict], metric: str, note: str | None = None) -> None:
     with open(out_dir / "label_efficiency.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, list(curve[0]))
+        w = csv.DictWriter(f, CURVE_COLUMNS)
         w.writeheader()
         w.writerows(curve)
     from .plots import label_efficiency_plot
 
-    label_efficiency_plot(out_dir / "label_efficiency.png", curve, metric)
+    label_efficiency_plot(out_dir / "label_efficiency.png", curve, metric, note)
 
 
 __all__ = ["ALL", "PartitionError", "ProbeError", "TaskInfo", "fraction", "list_partitions", "open_task_caches",

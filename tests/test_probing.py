@@ -167,3 +167,48 @@ def test_a_pooled_only_cache_is_probed_end_to_end_and_a_segmentation_probe_asks_
     assert str(err.value) == (f"cache {seg}/train.zarr holds the tiers ['pooled'], not maps, which a segmentation probe "
                               "needs; re-extract with `satdifuser extract CONFIG --overwrite --store maps,pooled`")
     assert not (tmp_path / "seg" / "metrics.json").exists()
+
+
+def test_a_single_class_training_split_stops_the_map_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from pipeline.synthetic import write_synthetic_cache
+
+    for split, labels in (("train", np.ones(8, dtype=int)), ("val", np.arange(4) % 2), ("test", np.arange(4) % 2)):
+        write_synthetic_cache(str(tmp_path / "cache" / f"{split}.zarr"), labels, ("t47",), {"a": (4, 2, 2)},
+                              num_classes=2, shard_size=4, split=split)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["probe", "--cache", str(tmp_path / "cache"), "--out", str(out)])
+    assert result.exit_code == 2 and result.output == (
+        f"error: --cache {tmp_path / 'cache'}: every training image probed is of class 1, and a probe needs at least "
+        "2 classes to learn from; extract a training split (or partition) that holds more than one class\n")
+    assert not out.exists()
+
+
+def test_the_probe_stage_on_a_task_without_fraction_partitions_writes_the_map_and_an_empty_curve(
+        demo_caches, demo_root, tmp_path, monkeypatch, caplog):
+    import shutil
+
+    import yaml
+
+    from stages import probe as stage
+
+    cache_dir, task_dir = demo_caches["demo_cls"]
+    root = tmp_path / "geobench"
+    shutil.copytree(demo_root, root)
+    copy = root / task_dir.relative_to(demo_root)
+    for path in copy.glob("*x_train_partition.json"):
+        path.unlink()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"probe": {"partitions": "all", "seeds": 1, "settings": {
+        "c_grid": [0.1, 1.0], "n_jobs": 2, "max_iter": 100}}}))
+    monkeypatch.chdir(tmp_path)
+    stage.main(["--cache", cache_dir, "--out", "probes", "--geobench-dir", str(root)])
+    note = f"{copy} has no '<f>x_train' partitions: no label-efficiency curve"
+    assert f"{note}; probing the map only" in caplog.text
+    with open(tmp_path / "probes" / "label_efficiency.csv") as f:
+        assert f.read().splitlines() == ["partition,fraction,draw,probe,timestep,layer,n_train,metric,value,C,skipped"]
+    assert (tmp_path / "probes" / "label_efficiency.png").stat().st_size > 0
+    assert json.loads((tmp_path / "probes" / "probe_map.json").read_text())["label_efficiency"] == note
+    metrics = json.loads((tmp_path / "probes" / "metrics.json").read_text())
+    assert "label_efficiency" not in metrics and 0 <= metrics["all"]["test"] <= 1
