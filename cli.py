@@ -156,7 +156,8 @@ def echo_fill(result) -> None:
 def fit(
     config: ConfigArg,
     fuser: Annotated[Optional[Fuser], typer.Option(help="Fuser (default: the config's).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: <exp_folder>/<dataset>/<fuser>/seed<seed>, as the DVC stages).")] = None,
+    partition: Annotated[Optional[str], typer.Option(help="GEO-Bench partition to train on ('default', '0.10x_train', ...): its training samples, found by name in the train cache (sets train_partition).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: <exp_folder>/<dataset>/<fuser>/<partition>/seed<seed>, as the DVC stages).")] = None,
     cache_dir: Annotated[Optional[str], typer.Option(help="Cache root holding <dataset>/<split>.zarr.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 or auto (default: the config's).")] = None,
     source: Annotated[Optional[Source], typer.Option(help="Features from the cache's maps, recomputed from its stored trajectory (one UNet pass per timestep), or live through the whole backbone every batch (the reference's way; for measuring). Default: the config's source, else maps when the cache holds them, else trajectory.")] = None,
@@ -173,8 +174,11 @@ def fit(
         overrides = parse_overrides(set_ or [])
         if fuser:
             overrides["fuser"] = fuser.value
+        if partition:
+            overrides["train_partition"] = partition
         cfg = load_config(config, overrides)
-        out = out or Path(cfg.exp_folder) / cfg.dataset_name / cfg.fuser / f"seed{cfg.seed}"  # as dvc.yaml lays them out
+        if not out:  # as dvc.yaml lays them out
+            out = Path(cfg.exp_folder) / cfg.dataset_name / cfg.fuser / cfg.train_partition / f"seed{cfg.seed}"
         if live and source not in (None, Source.live):
             raise UserError(f"--live and --source {source.value} disagree; give one of them")
         asked = "live" if live else source and source.value

@@ -182,6 +182,8 @@ class Config:
     bands: list | None = _field(None, _optional(_list_of(_str, "band names", length=3)), ours=True)
     band_scale: float | None = _field(None, _optional(_positive), ours=True)
     partition: str = _field("default", _str, ours=True)
+    # The GEO-Bench partition whose training samples a fit trains on, found by name in the train cache.
+    train_partition: str = _field("default", _str, ours=True)
     # --- experiment (*_exp.yaml) ---
     lr: float = _field(0.01, _number)
     op_weight_decay: float = _field(0.0, _number)
@@ -246,6 +248,9 @@ def _check_consistency(cfg: Config, origin: dict) -> None:
     if cfg.resize_outputs > 0:
         fail("resize_outputs", f"resize_outputs is {cfg.resize_outputs}; only values <= 0 (maps kept at their sizes) "
              "work: the reference's fusers cannot be built on resized outputs; set resize_outputs: -1")
+    if cfg.limited_label is not None and cfg.train_partition != cfg.partition:
+        fail("limited_label", f"limited_label {cfg.limited_label} and train_partition {cfg.train_partition!r} both choose "
+             "the training images; set one of them (train_partition for GEO-Bench's fixed subsets)")
     if cfg.task != "segmentation" and any(f != 1 for f in cfg.rescales):
         fail("rescales", f"rescales {cfg.rescales} only applies to the UPerNet head of segmentation tasks and task is "
              f"{cfg.task}; set rescales: [1, 1, 1, 1]")

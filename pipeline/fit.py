@@ -5,8 +5,10 @@ recomputed from the cache's stored trajectory (the UNet input x_t of each saved 
 pass per label and batch; or, ``live``, the images through the whole backbone for every batch, as
 the reference does. All three serve the same batches in the same order.
 
-Outputs in ``out_dir``: ``metrics.json`` (val and test of the best model), ``model/`` (config.json +
-model.safetensors), ``training_state.pt`` (``pipeline.resume``), ``history.csv`` and the plots of
+Outputs in ``out_dir``: ``metrics.json`` (numbers only: val and test of the best model, its
+``test_score``, epochs, seconds, passes), ``run.json`` (what the run was: task, fuser, partition,
+seed, source, the config, per-class values and confusion matrices, the cost ledger, and the
+digest of its inputs that ``pipeline.grid`` compares), ``model/`` (config.json + model.safetensors), ``training_state.pt`` (``pipeline.resume``), ``history.csv`` and the plots of
 ``pipeline.plots`` (PNG and CSV for DVC). They are written into a partial folder beside it and
 swapped in at the end (``pipeline.outputs``), so a stopped fit leaves the previous output as it was.
 """
@@ -37,8 +39,17 @@ log = logging.getLogger(__name__)
 # latent seed is not among them: training seeds vary over one cache (its own seed is recorded).
 EXTRACTION_KEYS = ("mode", "num_timesteps", "prompt", "img_size", "latent")
 # What a fit writes into its output folder (which it replaces whole).
-FIT_OUTPUTS = {"metrics.json", "history.csv", "model", "plots", "training_state.pt"}
+FIT_OUTPUTS = {"metrics.json", "run.json", "history.csv", "model", "plots", "training_state.pt"}
 SOURCES = ("maps", "trajectory", "live")
+# The code a fit's numbers depend on, as dvc.yaml's fit stage lists it (a test keeps the two equal);
+# its digest is one of a run's inputs, so a run of other code is never taken for done.
+FIT_CODE = ("pipeline/__init__.py", "pipeline/config.py", "pipeline/errors.py", "pipeline/partitions.py",
+            "pipeline/fit.py", "pipeline/train.py", "pipeline/resume.py", "pipeline/outputs.py", "pipeline/model.py",
+            "pipeline/metrics.py", "pipeline/plots.py", "pipeline/extract.py", "pipeline/data/geobench_task.py",
+            "pipeline/backbone", "pipeline/fusion", "pipeline/heads", "pipeline/cache")
+# Settings of the config that say where things are, not what the fit computes.
+LOCATION_KEYS = ("config_file", "cache_dir", "geobench_dir", "pretrained_model_name_or_path", "exp_folder",
+                 "resume_from", "device")
 
 
 def expected_request(cfg: Config, split: str) -> dict:
@@ -70,6 +81,24 @@ def training_rows(names, fraction: float | None, seed: int) -> np.ndarray:
     keys = [hashlib.sha256(f"{seed}:{name}".encode()).digest() for name in names]
     keep = sorted(range(len(names)), key=keys.__getitem__)[: max(1, round(fraction * len(names)))]
     return np.sort(np.array(keep, dtype=np.int64))
+
+
+def partition_rows(cfg: Config, train: FeatureCache) -> np.ndarray:
+    """Rows of the train cache that ``train_partition`` names, found by sample name, in row order; all
+    rows when it is the partition the cache was extracted from."""
+    if cfg.train_partition == cfg.partition:
+        return np.arange(len(train))
+    from .config import geobench_root
+    from .data.geobench_task import task_settings
+    from .partitions import partition_indices
+
+    task = task_settings(cfg)[0]
+    if not task:
+        raise ConfigError(f"{cfg.config_file}: train_partition {cfg.train_partition!r} is read from the dataset's "
+                          f"GEO-Bench folder, but {cfg.dataset_name!r} names none; set geobench_task in its task file")
+    rows = partition_indices(geobench_root(cfg) / task, cfg.train_partition, train, flag="train_partition",
+                             hint="set geobench_dir (or GEO_BENCH_DIR) to the GEO-Bench root that holds the task")
+    return np.unique(rows)
 
 
 def fit_source(cfg: Config, caches: dict, asked: str | None = None) -> str:
@@ -171,19 +200,27 @@ def live_splits(cfg: Config, timesteps, layers, device, shard_size: int | None =
     return Splits(train_b, val_b, test_b, n)
 
 
-def fit(cfg: Config, out_dir: str | Path, device: str | None = None, source: str | None = None,
-        cache_dir: str | None = None, progress: bool = True) -> dict:
-    """Train and write the outputs; ``source`` (maps, trajectory or live) overrides the config's."""
-    from .extract import resolve_device
-    from .outputs import begin_output, check_replaceable, output_folder, publish_output, remove_partial
-    from .resume import STATE_NAME, load_state
+@dataclasses.dataclass
+class FitPlan:
+    """A fit resolved before any training: its caches, feature source, device, model and training
+    rows, and the digest of everything that decides its numbers."""
 
-    out_dir = output_folder(out_dir)
-    check_replaceable(out_dir, FIT_OUTPUTS)
+    cfg: Config
+    caches: dict
+    source: str
+    device: torch.device
+    timesteps: list
+    layers: list
+    model_config: object
+    rows: np.ndarray
+    inputs: str
+
+
+def plan_fit(cfg: Config, device: str | None = None, source: str | None = None, cache_dir: str | None = None) -> FitPlan:
+    """Check a fit against its caches (one-line errors) and resolve what it will train on."""
+    from .extract import resolve_device
+
     dev = resolve_device(device or cfg.device)
-    # Tiny activations turn into subnormal floats in the backward pass, which run tens of times
-    # slower on CPUs; flushing them to zero changes nothing measurable and keeps steps steady.
-    torch.set_flush_denormal(True)
     if cache_dir:
         cfg = dataclasses.replace(cfg, cache_dir=cache_dir)
     caches = open_split_caches(cfg)
@@ -191,27 +228,74 @@ def fit(cfg: Config, out_dir: str | Path, device: str | None = None, source: str
     timesteps, layers = feature_selection(cfg, caches["train"])
     shapes = {l: caches["train"].layer_shapes[l] for l in layers}
     config = model_config(cfg, shapes, timesteps)  # refuses bad rescales before the backbone is loaded
-    rows = training_rows(caches["train"].sample_names, cfg.limited_label, cfg.seed)
-    if cfg.limited_label is not None:
-        log.info("limited_label %s: training on %d of %d images", cfg.limited_label, len(rows), len(caches["train"]))
+    if cfg.limited_label is None:
+        rows = partition_rows(cfg, caches["train"])
+    else:
+        rows = training_rows(caches["train"].sample_names, cfg.limited_label, cfg.seed)
+    return FitPlan(cfg, caches, source, dev, timesteps, layers, config, rows,
+                   fit_inputs(cfg, caches, source, dev, rows))
+
+
+def fit_inputs(cfg: Config, caches: dict, source: str, device: torch.device, rows: np.ndarray) -> str:
+    """SHA-256 of what decides a fit's numbers: the config's settings (not its paths), the feature
+    source, the device type, each split cache's provenance, the training samples' names and the fit's code."""
+    names = caches["train"].sample_names
+    inputs = {
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LOCATION_KEYS},
+        "source": source, "device": device.type,
+        "caches": {split: {"request": c.request, "created": c.attrs.get("created")} for split, c in caches.items()},
+        "train_names": hashlib.sha256("\n".join(names[int(i)] for i in rows).encode()).hexdigest(),
+        "code": code_digest(),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_digest() -> str:
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for entry in FIT_CODE:
+        path = root / entry
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(str(file.relative_to(root)).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
+def fit(cfg: Config, out_dir: str | Path, device: str | None = None, source: str | None = None,
+        cache_dir: str | None = None, progress: bool = True, plan: FitPlan | None = None) -> dict:
+    """Train and write the outputs; ``source`` (maps, trajectory or live) overrides the config's.
+    ``plan`` is this fit's ``plan_fit`` when the caller has made it already."""
+    from .outputs import begin_output, check_replaceable, output_folder, publish_output, remove_partial
+    from .resume import STATE_NAME, load_state
+
+    out_dir = output_folder(out_dir)
+    check_replaceable(out_dir, FIT_OUTPUTS)
+    # Tiny activations turn into subnormal floats in the backward pass, which run tens of times
+    # slower on CPUs; flushing them to zero changes nothing measurable and keeps steps steady.
+    torch.set_flush_denormal(True)
+    plan = plan or plan_fit(cfg, device, source, cache_dir)
+    cfg, caches, source, dev, rows = plan.cfg, plan.caches, plan.source, plan.device, plan.rows
+    if len(rows) < len(caches["train"]):
+        log.info("%s: training on %d of %d images", f"limited_label {cfg.limited_label}" if cfg.limited_label
+                 else f"train_partition {cfg.train_partition}", len(rows), len(caches["train"]))
     if source == "trajectory":
         from .extract import check_backbone
 
         check_backbone(cfg, caches.values())
-        splits = trajectory_splits(cfg, caches, timesteps, layers, dev, rows)
+        splits = trajectory_splits(cfg, caches, plan.timesteps, plan.layers, dev, rows)
     elif source == "live":
-        splits = live_splits(cfg, timesteps, layers, dev, caches["train"].plan.shard_size, rows)
+        splits = live_splits(cfg, plan.timesteps, plan.layers, dev, caches["train"].plan.shard_size, rows)
     else:
-        splits = cached_splits(cfg, caches, timesteps, layers, rows)
+        splits = cached_splits(cfg, caches, plan.timesteps, plan.layers, rows)
     torch.manual_seed(cfg.seed)
-    model = FusionModel(config).to(dev)
+    model = FusionModel(plan.model_config).to(dev)
     state = load_state(cfg.resume_from, model, cfg, dev) if cfg.resume_from else None
     # Read before the partial folder is cleared: the state may be that of a fit stopped there.
     partial = begin_output(out_dir, keep=state["path"] if state else None)
     log.info("%s + %s: %d parameters, %d timesteps x %d layers, %s", cfg.fuser, model.config.head,
-             sum(p.numel() for p in model.parameters()), len(timesteps), len(layers), f"features from {source}")
+             sum(p.numel() for p in model.parameters()), len(plan.timesteps), len(plan.layers),
+             f"features from {source}")
     try:
-        metrics = _train_and_write(cfg, model, splits, caches, partial, dev, source, progress, state)
+        metrics = _train_and_write(cfg, model, splits, caches, partial, dev, source, progress, state, plan.inputs)
     except (Exception, KeyboardInterrupt) as err:
         if (partial / STATE_NAME).is_file():
             log.warning("fit stopped (%s): nothing at %s was changed; the partial output is in %s (resume_from: %s "
@@ -227,13 +311,14 @@ def fit(cfg: Config, out_dir: str | Path, device: str | None = None, source: str
 
 
 def _train_and_write(cfg: Config, model: FusionModel, splits: Splits, caches: dict, out_dir: Path, dev, source: str,
-                     progress: bool, state: dict | None) -> dict:
+                     progress: bool, state: dict | None, inputs: str) -> dict:
     from .plots import write_plots
 
     result = train(cfg, model, splits, out_dir, dev, progress, state)
     extraction = caches["train"].request["extraction"]
     result.metrics.update(fuser=cfg.fuser, dataset=cfg.dataset_name, seed=cfg.seed, source=source,
-                          partition=cfg.partition, train_images=splits.train_size, limited_label=cfg.limited_label,
+                          partition=cfg.train_partition, cache_partition=cfg.partition,
+                          train_images=splits.train_size, limited_label=cfg.limited_label,
                           timesteps=list(model.config.timesteps), layers=list(model.config.layer_shapes),
                           backbone=caches["train"].request["backbone"]["id"],
                           map_encoding=caches["train"].map_encoding if source == "maps" else None,
@@ -243,7 +328,9 @@ def _train_and_write(cfg: Config, model: FusionModel, splits: Splits, caches: di
     # LW and MoE summaries run val once more, through the backbone unless from the maps.
     result.metrics["ledger"] = fit_ledger(result, caches, source, len(model.config.timesteps),
                                           live_passes_per_image(cfg), extra_val_passes=int(cfg.fuser != "gw"))
-    write_outputs(out_dir, result)
+    result.metrics["test_score"] = result.metrics["test"][result.metrics["selection_metric"]]
+    result.metrics["inputs_sha256"] = inputs
+    write_outputs(out_dir, result, cfg)
     write_plots(out_dir, result, best, aux)
     return result.metrics
 
@@ -274,8 +361,40 @@ def fit_ledger(result, caches: dict, source: str, timesteps: int, per_image: int
             "unet_passes_per_image": per_image}
 
 
-def write_outputs(out_dir: Path, result) -> None:
-    (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+# What run.json records of the config at its top level, for tables of runs (the whole config is there too).
+RUN_SETTINGS = ("lr", "op_weight_decay", "batch_size", "early_stopping_patience", "max_train_epochs",
+                "warmup_epochs", "min_lr", "eval_every_n_steps", "projection_dim")
+# The record's numbers that metrics.json holds; everything else of it is run.json's.
+METRIC_KEYS = ("test_score", "best_step", "epochs_run", "train_seconds", "parameters", "train_images_seen",
+               "data_wait_seconds")
+
+
+def split_record(record: dict, cfg: Config) -> tuple[dict, dict]:
+    """(metrics, run) of a fit's record: metrics.json takes numbers only, so that ``dvc metrics show``
+    stays a table; run.json takes what the run was, and the per-class lists and confusion matrices."""
+    def numbers(split: dict) -> dict:
+        return {k: v for k, v in split.items() if _is_number(v)}
+
+    ledger = record["ledger"]
+    metrics = {"val": numbers(record["val"]), "test": numbers(record["test"]),
+               **{k: record[k] for k in METRIC_KEYS},
+               "unet_passes": ledger["unet_passes"], "reference_unet_passes": ledger["reference_unet_passes"]}
+    per_class = {split: {k: v for k, v in record[split].items() if not _is_number(v)} for split in ("val", "test")}
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "config_file"}
+    run = {k: v for k, v in record.items() if k not in METRIC_KEYS and k not in ("val", "test")}
+    run.update({k: getattr(cfg, k) for k in RUN_SETTINGS}, config_file=cfg.config_file, per_class=per_class,
+               config=config)
+    return metrics, run
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def write_outputs(out_dir: Path, result, cfg: Config) -> None:
+    metrics, run = split_record(result.metrics, cfg)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     base = ["step", "epoch", "lr", "train_loss"]
     fields = base + sorted({k for row in result.history for k in row} - set(base))
     with open(out_dir / "history.csv", "w", newline="") as f:

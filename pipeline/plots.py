@@ -170,11 +170,13 @@ def probe_heatmap(path: Path, rows: list[dict], timesteps: list[str], layers: li
     plt.close(fig)
 
 
-def label_efficiency_plot(path: Path, curve: list[dict], metric: str) -> None:
+def label_efficiency_plot(path: Path, curve: list[dict], metric: str, note: str | None = None) -> None:
     """Metric vs training fraction per probe: the partition's value as a line, random draws of the
-    same size as dots with their min-max range."""
+    same size as dots with their min-max range; ``note`` is written across the axes (why a curve is empty)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
+    if note:
+        ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True, transform=ax.transAxes)
     for k, probe in enumerate(dict.fromkeys(r["probe"] for r in curve)):
         mine = [r for r in curve if r["probe"] == probe and r["value"] is not None]
         color = f"C{k}"
@@ -191,7 +193,8 @@ def label_efficiency_plot(path: Path, curve: list[dict], metric: str) -> None:
     ax.set_xlabel("training fraction (GEO-Bench partition)")
     ax.set_ylabel(f"test {metric}")
     ax.set_title("label efficiency (bars: partition and random draws of its size)")
-    ax.legend(fontsize=7)
+    if curve:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,15 +18,14 @@ import numpy as np
 
 from .cache.reader import FeatureCache, open_cache
 from .cache.store import CacheError
-from .data.geobench_task import partition_file
 from .metrics import SELECTION
 from .outputs import output_folder
+from .partitions import PartitionError, fraction, list_partitions, partition_indices
 from .probe import ALL, Cell, Probe, ProbeError, ProbeSettings, best_cells, settings_dict
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-PARTITION = re.compile(r"^(\d+(?:\.\d+)?)x_train$")  # GEO-Bench's training-fraction partitions
 
 
 def open_task_caches(cache_dir: str | Path, storage_options: dict | None = None) -> dict[str, FeatureCache]:
@@ -74,45 +72,6 @@ class TaskInfo:
 # ---- partitions ---------------------------------------------------------------------------------
 
 
-def fraction(partition: str) -> float:
-    m = PARTITION.match(partition)
-    if not m:
-        raise ProbeError(f"--partition {partition!r} is not a training-fraction partition like '0.10x_train'")
-    return float(m.group(1))
-
-
-def _dataset(task_dir: Path):
-    from geobench.dataset import GeobenchDataset
-
-    partition_file(task_dir, "default")
-    try:
-        return GeobenchDataset(task_dir)
-    except (ValueError, FileNotFoundError) as err:  # no such folder, or no default_partition.json
-        raise ProbeError(f"{task_dir} is not a GEO-Bench task folder ({err}); check --geobench-dir") from None
-
-
-def list_partitions(task_dir: Path) -> list[str]:
-    """The task's ``<f>x_train`` partitions, smallest fraction first (read with geobench's loader)."""
-
-    names = [p for p in _dataset(task_dir).list_partitions() if PARTITION.match(p)]
-    return sorted(names, key=fraction)
-
-
-def partition_indices(task_dir: Path, partition: str, train: FeatureCache) -> np.ndarray:
-    """Row indices into the train cache of a partition's training samples, in the partition's order."""
-    dataset = _dataset(task_dir)
-    if partition not in dataset.list_partitions():
-        raise ProbeError(f"--partition {partition!r}: {task_dir} has partitions {sorted(dataset.list_partitions())}")
-    partition_file(task_dir, partition)
-    names = dataset.load_partition(partition).partition_dict["train"]
-    row = {name: i for i, name in enumerate(train.sample_names)}
-    missing = [n for n in names if n not in row]
-    if missing:
-        raise ProbeError(f"--partition {partition}: {len(missing)} of its training samples (e.g. {missing[0]!r}) are not in "
-                         f"the train cache; extract train from a partition that contains it (e.g. 'default')")
-    return np.array([row[n] for n in names], dtype=np.int64)
-
-
 def random_draw(official: np.ndarray, labels: np.ndarray, seed: int, stratify: bool) -> np.ndarray:
     """Train indices of the same size as ``official`` drawn at random; for single-label tasks with
     the same number of samples of each class, so a draw differs from the partition only by chance."""
@@ -142,20 +101,26 @@ def run_probe(cache_dir: str | Path, out_dir: str | Path, settings: ProbeSetting
     info = TaskInfo.of(caches)
     if partitions and task_dir is None:
         raise ProbeError("--partition needs the task's GEO-Bench folder; pass --geobench-dir or set GEO_BENCH_DIR")
+    no_curve = None
     if partitions == ["all"]:
         partitions = list_partitions(Path(task_dir))
-        if not partitions:
-            raise ProbeError(f"{task_dir} has no '<f>x_train' partitions")
+        if not partitions:  # the map is still worth having; the curve's files say why they are empty
+            no_curve = f"{task_dir} has no '<f>x_train' partitions: no label-efficiency curve"
+            log.warning("%s; probing the map only", no_curve)
     # Every partition is resolved to train-cache rows before any probe runs, so a bad name fails early.
     resolved = {}
     for p in partitions or []:
         fraction(p)
         resolved[p] = partition_indices(Path(task_dir), p, caches["train"])
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     start = time.perf_counter()
     probe = Probe(caches, info.kind, info.num_classes, settings)
+    classes = _train_classes(probe)
+    if classes is not None and len(classes) < 2:
+        raise ProbeError(f"--cache {cache_dir}: every training {'pixel' if info.kind == 'segmentation' else 'image'} "
+                         f"probed is of class {int(classes[0])}, and a probe needs at least 2 classes to learn from; "
+                         "extract a training split (or partition) that holds more than one class")
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = probe.run()
     seconds = time.perf_counter() - start
     best = best_cells(rows)
@@ -165,6 +130,8 @@ def run_probe(cache_dir: str | Path, out_dir: str | Path, settings: ProbeSetting
               "settings": settings_dict(settings, probe.grid or None), "seconds": round(seconds, 1),
               "split_sizes": {s: len(c) for s, c in caches.items()},
               "best": {k: _find(rows, c) for k, c in best.items()}, "rows": rows}
+    if no_curve:
+        record["label_efficiency"] = no_curve
     _write_map(out_dir, record)
 
     from .plots import probe_heatmap
@@ -178,6 +145,8 @@ def run_probe(cache_dir: str | Path, out_dir: str | Path, settings: ProbeSetting
         _write_curve(out_dir, curve, rows[0]["metric"])
         metrics["label_efficiency"] = {f"{r['partition']}/{r['probe'].replace(' ', '_')}": round(r["value"], 4)
                                        for r in curve if r["draw"] == "partition" and r["value"] is not None}
+    elif no_curve:
+        _write_curve(out_dir, [], rows[0]["metric"], no_curve)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -208,10 +177,20 @@ def label_efficiency(probe: Probe, train: FeatureCache, partitions: dict[str, np
     return out
 
 
+def _train_classes(probe: Probe, indices: np.ndarray | None = None) -> np.ndarray | None:
+    """The classes among the labels a probe trains on (for segmentation the sampled grid pixels, not
+    the masks); None for multi-label tasks, whose probes are one per class."""
+    if probe.task == "multi_label_classification":
+        return None
+    train = probe.splits["train"] if indices is None else probe.splits["train"].subset(indices)
+    return np.unique(train.labels(probe.num_classes))
+
+
 def _probe_subset(probe: Probe, indices: np.ndarray, cells: list[Cell]) -> list[dict]:
-    # The labels the probe trains on: for segmentation the sampled grid pixels, not the masks.
-    trained_on = probe.splits["train"].subset(indices).labels(probe.num_classes)
-    if probe.task != "multi_label_classification" and len(np.unique(trained_on)) < 2:
+    classes = _train_classes(probe, indices)
+    if classes is not None and len(classes) < 2:
+        log.warning("label efficiency: a training set of %d samples holds class %d only: skipped", len(indices),
+                    int(classes[0]))
         return [{"timestep": c.timestep, "layer": c.layer, "metric": SELECTION[probe.task], "value": None,
                  "skipped": "fewer than 2 classes in this training set"} for c in cells]
     return probe.run(cells, train_indices=indices)
@@ -236,14 +215,19 @@ def _write_map(out_dir: Path, record: dict) -> None:
         w.writerows(rows)
 
 
-def _write_curve(out_dir: Path, curve: list[dict], metric: str) -> None:
+CURVE_COLUMNS = ["partition", "fraction", "draw", "probe", "timestep", "layer", "n_train", "metric", "value", "C",
+                 "skipped"]
+
+
+def _write_curve(out_dir: Path, curve: list[dict], metric: str, note: str | None = None) -> None:
     with open(out_dir / "label_efficiency.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, list(curve[0]))
+        w = csv.DictWriter(f, CURVE_COLUMNS)
         w.writeheader()
         w.writerows(curve)
     from .plots import label_efficiency_plot
 
-    label_efficiency_plot(out_dir / "label_efficiency.png", curve, metric)
+    label_efficiency_plot(out_dir / "label_efficiency.png", curve, metric, note)
 
 
-__all__ = ["ALL", "ProbeError", "TaskInfo", "list_partitions", "open_task_caches", "partition_indices", "run_probe"]
+__all__ = ["ALL", "PartitionError", "ProbeError", "TaskInfo", "fraction", "list_partitions", "open_task_caches",
+           "partition_indices", "run_probe"]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .config import default_value
 from .errors import UserError, first_line
 from .model import WEIGHTS_NAME, FusionModel
 from .outputs import partial_path
@@ -29,7 +30,7 @@ STATE_NAME = "training_state.pt"
 FORMAT = "satdifuser-training-state/1"
 # What must equal for a state to continue this experiment (the model's architecture is checked too):
 # the training images among them, since epochs on other images would not continue the same fit.
-IDENTITY = ("task", "dataset_name", "partition", "limited_label")
+IDENTITY = ("task", "dataset_name", "partition", "train_partition", "limited_label")
 # Settings that may change on resume (to train for more epochs, say); a change is logged.
 SETTINGS = ("lr", "op_weight_decay", "warmup_epochs", "min_lr", "batch_size", "max_train_epochs",
             "early_stopping_patience", "eval_every_n_steps", "seed", "shuffle_buffer_shards", "moe_balance_weight")
@@ -119,7 +120,9 @@ def load_state(given: str, model: FusionModel, cfg, device: torch.device) -> dic
                           f"{state.get('format') if isinstance(state, dict) else None!r}, lacking {missing}); "
                           "give the output folder of a fit or its " + STATE_NAME)
     here = {"experiment": {k: getattr(cfg, k) for k in IDENTITY}, "model": _plain(asdict(model.config))}
-    differ = (_differences({k: state["experiment"].get(k) for k in IDENTITY}, here["experiment"])
+    # A state saved before a key joined IDENTITY was trained with that key's default.
+    saved = {k: state["experiment"].get(k, default_value(k)) for k in IDENTITY}
+    differ = (_differences(saved, here["experiment"])
               + _differences(state["model_config"], here["model"]))
     if differ:
         raise ResumeError(f"resume_from {path}: the state belongs to another experiment ({'; '.join(differ)}); "

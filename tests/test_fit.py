@@ -1,5 +1,6 @@
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,9 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.fit import cached_splits, evaluate_saved, fit, live_splits, open_split_caches, training_rows
+from pipeline.fit import (
+    cached_splits, evaluate_saved, fit, live_splits, open_split_caches, training_rows, trajectory_splits,
+)
 from pipeline.model import FusionModel
 from pipeline.train import feature_selection
 
@@ -123,7 +126,7 @@ def test_limited_label_trains_cached_and_live_fits_on_the_same_subset(cached_dem
     metrics = fit(cfg, tmp_path, progress=False)
     assert metrics["train_images"] == metrics["train_images_seen"] == 5 and metrics["limited_label"] == 0.25
     assert metrics["ledger"]["reference_vae_passes"] == 5 + 2 * 8 + 8
-    assert json.loads((tmp_path / "metrics.json").read_text())["train_images"] == 5
+    assert json.loads((tmp_path / "run.json").read_text())["train_images"] == 5
 
 
 def tree(root):
@@ -229,28 +232,49 @@ def test_out_that_is_a_file_is_refused_before_training(cached_demo, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
-def test_the_dvc_stage_fits_into_its_declared_outputs(cached_demo, tmp_path, monkeypatch):
+def test_the_dvc_stage_fits_into_its_declared_outputs_and_a_new_seed_runs_only_the_new_fit(cached_demo, tmp_path,
+                                                                                             monkeypatch):
     import shutil
 
     import yaml
 
+    from pipeline.config import load_config
+    from pipeline.fit import plan_fit
+    from pipeline.grid import done_score
     from stages import fit as stage
 
     cfg = cached_demo()
     shutil.copytree("configs", tmp_path / "configs")
     keys = ("geobench_dir", "pretrained_model_name_or_path", "img_size", "cache_dir", "projection_dim", "batch_size")
     overrides = {k: getattr(cfg, k) for k in keys} | {"max_train_epochs": 1}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"fit": {"device": "cpu", "overrides": overrides}}))
+
+    def stage_run(seeds):
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"fit": {"device": "cpu", "overrides": overrides,
+                                                                      "partitions": ["default"], "seeds": seeds}}))
+        stage.main(["--config", "configs/demo_cls_exp.yaml", "--fuser", "gw", "--out", "experiments/demo-landcover/gw",
+                    "--scores", "experiments/demo-landcover/gw-scores.json"])
+        return json.loads((tmp_path / "experiments/demo-landcover/gw-scores.json").read_text())
+
     monkeypatch.chdir(tmp_path)
-    out = tmp_path / "experiments" / "demo-landcover" / "gw" / "seed42"
-    out.mkdir(parents=True)
-    (out / ".gitignore").write_text("/model\n/plots\n")
-    stage.main(["--config", "configs/demo_cls_exp.yaml", "--fuser", "gw", "--seed", "42", "--out", str(out)])
+    first = stage_run([42])
     declared = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "dvc.yaml"))["stages"]["fit"]
-    names = [next(iter(o)) if isinstance(o, dict) else o for o in declared["outs"] + declared["metrics"] + declared["plots"]]
+    names = [next(iter(o)) if isinstance(o, dict) else o for o in declared["outs"] + declared["metrics"]]
     for name in names:
-        assert Path(name.replace("${item.task.dataset}/${item.fuser}/seed${item.seed}", "demo-landcover/gw/seed42")).exists(), name
-    assert (out / ".gitignore").read_text() == "/model\n/plots\n"
+        assert Path(name.replace("${item.task.dataset}/${item.fuser}", "demo-landcover/gw")).exists(), name
+    run42 = tmp_path / "experiments/demo-landcover/gw/default/seed42"
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in run42.iterdir()}
+    both = stage_run([42, 43])
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in run42.iterdir()} == before  # not fitted again
+    assert (tmp_path / "experiments/demo-landcover/gw/default/seed43/metrics.json").is_file()
+    assert list(both) == ["default/seed42", "default/seed43"] and both["default/seed42"] == first["default/seed42"]
+    run = json.loads((run42 / "run.json").read_text())
+    assert (run["partition"], run["seed"], run["fuser"], run["train_images"]) == ("default", 42, "gw", 20)
+    # Another setting is another run: the one on disk is no longer done.
+    for changed in ({"lr": 0.02}, {"seed": 43}):
+        again = load_config("configs/demo_cls_exp.yaml", {**overrides, "fuser": "gw", "seed": 42, **changed})
+        assert done_score(run42, plan_fit(again, "cpu").inputs) is None
+    same = load_config("configs/demo_cls_exp.yaml", {**overrides, "fuser": "gw", "seed": 42})
+    assert done_score(run42, plan_fit(same, "cpu").inputs) == first["default/seed42"]
 
 
 def test_the_dvc_stage_refuses_an_out_that_is_a_file_in_one_line(tmp_path, monkeypatch, capsys):
@@ -264,16 +288,17 @@ def test_the_dvc_stage_refuses_an_out_that_is_a_file_in_one_line(tmp_path, monke
     config = str(Path("configs/demo_cls_exp.yaml").resolve())
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_:
-        run(lambda: stage.main(["--config", config, "--fuser", "gw", "--out", "taken"]))
+        run(lambda: stage.main(["--config", config, "--fuser", "gw", "--out", "taken", "--scores", "s.json"]))
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.startswith(f"error: --out {tmp_path / 'taken'} is an existing file") and err.count("\n") == 1
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: --out {tmp_path / 'taken/default/seed42'} would be inside {tmp_path / 'taken'}, which is a file")
 
 
 def test_an_attn1_ablation_of_a_full_cache_trains_and_reports_the_nine_attn1_layers(cached_demo, tmp_path):
     cfg = cached_demo(fuser="gw", max_train_epochs=1, layer_idxs={"up_blocks": {"attn1": "all"}})
     metrics = fit(cfg, tmp_path / "attn1", progress=False)
     nine = [f"up_blocks_{i}_attn1_{j}" for i in (1, 2, 3) for j in range(3)]
-    assert metrics["layers"] == nine and json.loads((tmp_path / "attn1" / "metrics.json").read_text())["layers"] == nine
+    assert metrics["layers"] == nine and json.loads((tmp_path / "attn1" / "run.json").read_text())["layers"] == nine
     assert list(FusionModel.from_pretrained(tmp_path / "attn1" / "model").config.layer_shapes) == nine
 
 
@@ -344,7 +369,7 @@ def test_a_fit_from_the_trajectory_equals_a_fit_from_the_maps(cached_demo, tmp_p
                         lambda self, x, t, layers: passes.append(len(x)) or original(self, x, t, layers))
     traj = fit(cfg, tmp_path / "traj", source="trajectory", progress=False)
     assert (maps["source"], traj["source"]) == ("maps", "trajectory")
-    assert json.loads((tmp_path / "traj" / "metrics.json").read_text())["source"] == "trajectory"
+    assert json.loads((tmp_path / "traj" / "run.json").read_text())["source"] == "trajectory"
     history = lambda out: [float(row["train_loss"]) for row in csv.DictReader(open(out / "history.csv"))]  # noqa: E731
     assert history(tmp_path / "traj") == pytest.approx(history(tmp_path / "maps"), rel=1e-4)
     for split in ("val", "test"):
@@ -449,8 +474,77 @@ def test_cli_fit_source(cached_demo, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["fit", *common, "--source", "trajectory", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["source"] == "trajectory"
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["source"] == "trajectory"
     both = runner.invoke(app, ["fit", *common, "--source", "maps", "--live", "--out", str(tmp_path / "both")])
     assert both.exit_code == 2 and "error: --live and --source maps disagree; give one of them" in both.output
     bad = runner.invoke(app, ["fit", *common, "--source", "pooled", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "'pooled' is not one of" in bad.output
+
+
+def numbers_only(value) -> bool:
+    if isinstance(value, dict):
+        return all(numbers_only(v) for v in value.values())
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def test_a_partition_fit_trains_on_exactly_its_samples_and_writes_numbers_and_metadata_apart(cached_demo, demo_root,
+                                                                                           tmp_path):
+    from pipeline.fit import plan_fit
+
+    task_dir = Path(demo_root) / "classification_v1.0" / "demo-landcover"
+    wanted = json.loads((task_dir / "0.20x_train_partition.json").read_text())["train"]
+    cfg = cached_demo(fuser="gw", max_train_epochs=1, train_partition="0.20x_train")
+    plan = plan_fit(cfg, "cpu")
+    names = plan.caches["train"].sample_names
+    assert sorted(names[i] for i in plan.rows) == sorted(wanted) and 0 < len(wanted) < len(names)
+    # Every source serves exactly those rows.
+    for source in ("live", "trajectory"):
+        splits = (live_splits(cfg, plan.timesteps, plan.layers, torch.device("cpu"), 8, plan.rows) if source == "live"
+                  else trajectory_splits(cfg, plan.caches, plan.timesteps, plan.layers, torch.device("cpu"), plan.rows))
+        assert sorted(int(i) for _, _, idx in splits.train(0) for i in idx) == sorted(plan.rows), source
+    metrics = fit(cfg, tmp_path / "run", progress=False)
+    assert metrics["train_images"] == metrics["train_images_seen"] == len(wanted)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert numbers_only(saved) and saved["test_score"] == saved["test"]["accuracy"] == metrics["test"]["accuracy"]
+    assert (run["partition"], run["cache_partition"], run["train_images"], run["seed"]) == ("0.20x_train", "default",
+                                                                                            len(wanted), 42)
+    assert run["selection_metric"] == "accuracy" and run["source"] == "maps" and run["config"]["train_partition"] == "0.20x_train"
+    assert run["per_class"]["test"]["confusion_matrix"] == metrics["test"]["confusion_matrix"]
+    assert run["lr"] == cfg.lr and run["inputs_sha256"] == plan.inputs
+
+
+def test_partition_errors_are_one_line(cached_demo, demo_root, tmp_path):
+    import shutil
+
+    cfg = cached_demo()
+    copy = tmp_path / "geobench"
+    shutil.copytree(demo_root, copy)
+    task_dir = copy / "classification_v1.0" / "demo-landcover"
+    names = json.loads((task_dir / "0.20x_train_partition.json").read_text())
+    (task_dir / "odd_partition.json").write_text(json.dumps({**names, "train": names["train"] + ["nowhere_0"]}))
+    common = ["--set", f"geobench_dir={copy}", "--set", f"cache_dir={cfg.cache_dir}", "--set", "img_size=64",
+              "--set", "projection_dim=128", "--device", "cpu", "--no-progress"]
+    cases = {
+        "0.3x_train": r"error: train_partition '0.3x_train': .*demo-landcover has partitions \['0.01x_train', ",
+        "odd": r"error: train_partition odd: 1 of its training samples \(e.g. 'nowhere_0'\) are not in the train cache "
+               r".*train.zarr; extract train from a partition that contains them",
+    }
+    runner = CliRunner()
+    for partition, message in cases.items():
+        result = runner.invoke(app, ["fit", "configs/demo_cls_exp.yaml", "--partition", partition,
+                                     "--out", str(tmp_path / partition), *common])
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert re.match(message, result.output), result.output
+        assert not (tmp_path / partition).exists()
+    shutil.rmtree(task_dir)
+    gone = runner.invoke(app, ["fit", "configs/demo_cls_exp.yaml", "--partition", "0.20x_train",
+                               "--out", str(tmp_path / "gone"), *common])
+    assert gone.exit_code == 2 and gone.output.count("\n") == 1
+    assert gone.output.startswith(f"error: {task_dir} is not a GEO-Bench task folder (") and \
+        gone.output.rstrip().endswith("set geobench_dir (or GEO_BENCH_DIR) to the GEO-Bench root that holds the task")
+    both = runner.invoke(app, ["fit", "configs/demo_cls_exp.yaml", "--partition", "0.20x_train", "--set",
+                               "limited_label=0.5", *common])
+    assert both.exit_code == 2 and both.output == ("error: --set override: limited_label 0.5 and train_partition "
+                                                   "'0.20x_train' both choose the training images; set one of them "
+                                                   "(train_partition for GEO-Bench's fixed subsets)\n")

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.probe import ProbeError, ProbeSettings
 from pipeline.probing import (
-    TaskInfo, fraction, list_partitions, open_task_caches, partition_indices, random_draw, run_probe,
+    PartitionError, TaskInfo, fraction, list_partitions, open_task_caches, partition_indices, random_draw, run_probe,
 )
 
 FAST = ProbeSettings(c_grid=(0.1, 1.0), n_jobs=2, max_iter=100, seg_pixels=8)
@@ -97,13 +97,13 @@ def test_errors_name_the_input_and_the_fix(demo_caches, tmp_path):
         open_task_caches(tmp_path / "nothing")
     with pytest.raises(ProbeError, match="needs the task's GEO-Bench folder; pass --geobench-dir"):
         run_probe(cache_dir, tmp_path / "out", FAST, None, ["0.10x_train"])
-    with pytest.raises(ProbeError, match=r"'0.3x_train': .* has partitions \['0.01x_train'"):
+    with pytest.raises(PartitionError, match=r"'0.3x_train': .* has partitions \['0.01x_train'"):
         partition_indices(task_dir, "0.3x_train", open_task_caches(cache_dir)["train"])
-    with pytest.raises(ProbeError, match="not a training-fraction partition like '0.10x_train'"):
+    with pytest.raises(PartitionError, match="not a training-fraction partition like '0.10x_train'"):
         run_probe(cache_dir, tmp_path / "out", FAST, task_dir, ["default"])
-    with pytest.raises(ProbeError, match=r"'0.3x_train': .* has partitions"):  # before any probe is fitted
+    with pytest.raises(PartitionError, match=r"'0.3x_train': .* has partitions"):  # before any probe is fitted
         run_probe(cache_dir, tmp_path / "out", FAST, task_dir, ["0.10x_train", "0.3x_train"])
-    with pytest.raises(ProbeError, match=r"is not a GEO-Bench task folder .*; check --geobench-dir"):
+    with pytest.raises(PartitionError, match=r"is not a GEO-Bench task folder .*; check --geobench-dir"):
         run_probe(cache_dir, tmp_path / "out", FAST, tmp_path / "nowhere", ["all"])
     assert not (tmp_path / "out").exists()  # refused before writing anything
 
@@ -167,3 +167,48 @@ def test_a_pooled_only_cache_is_probed_end_to_end_and_a_segmentation_probe_asks_
     assert str(err.value) == (f"cache {seg}/train.zarr holds the tiers ['pooled'], not maps, which a segmentation probe "
                               "needs; re-extract with `satdifuser extract CONFIG --overwrite --store maps,pooled`")
     assert not (tmp_path / "seg" / "metrics.json").exists()
+
+
+def test_a_single_class_training_split_stops_the_map_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from pipeline.synthetic import write_synthetic_cache
+
+    for split, labels in (("train", np.ones(8, dtype=int)), ("val", np.arange(4) % 2), ("test", np.arange(4) % 2)):
+        write_synthetic_cache(str(tmp_path / "cache" / f"{split}.zarr"), labels, ("t47",), {"a": (4, 2, 2)},
+                              num_classes=2, shard_size=4, split=split)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["probe", "--cache", str(tmp_path / "cache"), "--out", str(out)])
+    assert result.exit_code == 2 and result.output == (
+        f"error: --cache {tmp_path / 'cache'}: every training image probed is of class 1, and a probe needs at least "
+        "2 classes to learn from; extract a training split (or partition) that holds more than one class\n")
+    assert not out.exists()
+
+
+def test_the_probe_stage_on_a_task_without_fraction_partitions_writes_the_map_and_an_empty_curve(
+        demo_caches, demo_root, tmp_path, monkeypatch, caplog):
+    import shutil
+
+    import yaml
+
+    from stages import probe as stage
+
+    cache_dir, task_dir = demo_caches["demo_cls"]
+    root = tmp_path / "geobench"
+    shutil.copytree(demo_root, root)
+    copy = root / task_dir.relative_to(demo_root)
+    for path in copy.glob("*x_train_partition.json"):
+        path.unlink()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"probe": {"partitions": "all", "seeds": 1, "settings": {
+        "c_grid": [0.1, 1.0], "n_jobs": 2, "max_iter": 100}}}))
+    monkeypatch.chdir(tmp_path)
+    stage.main(["--cache", cache_dir, "--out", "probes", "--geobench-dir", str(root)])
+    note = f"{copy} has no '<f>x_train' partitions: no label-efficiency curve"
+    assert f"{note}; probing the map only" in caplog.text
+    with open(tmp_path / "probes" / "label_efficiency.csv") as f:
+        assert f.read().splitlines() == ["partition,fraction,draw,probe,timestep,layer,n_train,metric,value,C,skipped"]
+    assert (tmp_path / "probes" / "label_efficiency.png").stat().st_size > 0
+    assert json.loads((tmp_path / "probes" / "probe_map.json").read_text())["label_efficiency"] == note
+    metrics = json.loads((tmp_path / "probes" / "metrics.json").read_text())
+    assert "label_efficiency" not in metrics and 0 <= metrics["all"]["test"] <= 1
