@@ -404,11 +404,10 @@ def task_stages(stages: Stages, args, task: str, cfg: Path, cache: Path, out: Pa
 def fit_stage(stages: Stages, task: str, tag: str, cfg: Path, fuser: str, source: str, out: Path) -> dict:
     row = stages.run(f"{task}{tag} fit {fuser} {source}", ["-m", "cli", "fit", str(cfg), "--fuser", fuser, "--source",
                                                           source, "--out", str(out), "--no-progress"])
-    metrics = out / "metrics.json"
-    if not row["rc"] and metrics.is_file():
-        m = json.loads(metrics.read_text())
-        row.update(test=m["test"][m["selection_metric"]], metric=m["selection_metric"],
-                   unet_passes=m["ledger"]["unet_passes"], train_images=m.get("train_images"))
+    if not row["rc"] and (out / "run.json").is_file():
+        m, run = (json.loads((out / name).read_text()) for name in ("metrics.json", "run.json"))
+        row.update(test=m["test_score"], metric=run["selection_metric"], unet_passes=m["unet_passes"],
+                   train_images=run.get("train_images"))
         print(f"   test {row['metric']} {row['test']:.4f}, {row['unet_passes']:,} UNet passes", flush=True)
     return row
 

@@ -34,7 +34,7 @@ from .cache.reader import open_cache
 from .cache.store import CacheError
 from .config import ConfigError
 from .errors import UserError
-from .probing import PARTITION
+from .partitions import PARTITION
 
 COLUMNS = ["task", "kind", "fuser", "seed", "partition", "metric", "value", "unet_passes", "reference_unet_passes"]
 AGGREGATE_COLUMNS = ["task", "fuser", "partition", "fraction", "metric", "n", "mean", "std", "iqm", "iqm_low",
