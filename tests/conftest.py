@@ -1,10 +1,13 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 # Set before any test module imports transformers, diffusers or geobench.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not os.environ.get("GEO_BENCH_DIR"):
     os.environ["GEO_BENCH_DIR"] = tempfile.mkdtemp(prefix="geobench-")
+    atexit.register(shutil.rmtree, os.environ["GEO_BENCH_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 

@@ -18,7 +18,9 @@ from pipeline.cache.lock import WriterLock
 with WriterLock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
-print(time.time(), flush=True)  # released
+    last = time.time()  # the last moment it surely holds the lock (taken after the release, a busy
+    # machine could delay the clock reading past another process's acquisition)
+print(last, flush=True)
 """
 
 
@@ -50,8 +52,8 @@ def test_wait_starts_when_the_first_writer_is_done(tmp_path):
     with WriterLock(str(path), wait=True):
         acquired = time.time()
         assert Path(lock_path(str(path))).read_text().count(f'"pid": {os.getpid()}') == 1
-    released = float(first.communicate()[0])
-    assert released <= acquired  # the two never held it at once
+    last_held = float(first.communicate()[0])
+    assert last_held <= acquired  # the two never held it at once
     assert not Path(lock_path(str(path))).exists()  # released and removed
 
 
