@@ -116,6 +116,9 @@ def test_maps_added_to_a_trajectory_only_cache_take_the_configs_encoding(make_co
     assert user.run("val", progress=False).extracted == 0
     with pytest.raises(CacheMismatch, match="map_encoding"):
         Extraction(make_config(layer_idxs=FEW, store=["maps", "trajectory"])).run("val", progress=False)
+    # Once it holds maps, their encoding is part of what a fill must match.
+    with pytest.raises(CacheMismatch, match=r"extraction\.map_encoding: cache 'uint8', requested 'float16'"):
+        Extraction(make_config(layer_idxs=FEW)).fill_from_trajectory("val", tiers=["pooled"], progress=False)
 
 
 def test_pooled_vectors_alone_are_added_to_a_cache_holding_maps(make_config, tmp_path):
@@ -273,8 +276,6 @@ def test_what_a_fill_refuses_is_one_line(write_exp, tmp_path):
     with pytest.raises(CacheMismatch, match=r"extraction\.prompt: cache 'A satellite image', requested 'A map'.*; fill "
                        r"it with the config and device it was extracted with"):
         Extraction(load_config(exp, {"prompt": "A map"})).fill_from_trajectory("val", tiers=["maps"], progress=False)
-    with pytest.raises(CacheMismatch, match=r"extraction\.map_encoding: cache 'float16', requested 'uint8'"):
-        Extraction(load_config(exp, {"map_encoding": "uint8"})).fill_from_trajectory("val", tiers=["maps"], progress=False)
     writer = CacheWriter.reopen(path, json.loads(json.dumps(open_cache(path).request)))
     writer.clear_done([1])
     result = fill_cli(exp, "--store", "maps")

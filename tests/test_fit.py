@@ -186,7 +186,9 @@ def test_a_killed_fit_leaves_the_old_output_and_resumes_to_equal_an_uninterrupte
     assert tree(out) == before and not (partial / "junk").exists()  # the second fit cleared the first's
     assert sorted(p.name for p in tmp_path.iterdir()) == [".run.partial", "run"]
     again = evaluate_saved(old_cfg, out / "model", "test")
-    assert again == json.loads((out / "metrics.json").read_text())["test"] == old["test"]
+    assert again == old["test"]
+    assert json.loads((out / "metrics.json").read_text())["test"] == {k: v for k, v in again.items()
+                                                                        if k != "confusion_matrix"}
 
     import torch
 

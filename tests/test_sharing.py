@@ -36,9 +36,9 @@ def make_project(root: Path, demo_root, tiny_backbone) -> None:
         "extract": {"matrix": {"split": splits}, "cmd": "python -m stages.extract --config exp.yaml --split ${item.split}",
                     "deps": ["exp.yaml"], "params": ["extract"],
                     "outs": [{"cache/demo-landcover/${item.split}.zarr": {"persist": True}}]},
-        "fit": {"cmd": "python -m stages.fit --config exp.yaml --fuser gw --out out/gw",
+        "fit": {"cmd": "python -m stages.fit --config exp.yaml --fuser gw --out out/gw --scores out/gw-scores.json",
                 "deps": ["exp.yaml"] + [f"cache/demo-landcover/{s}.zarr" for s in splits], "params": ["fit"],
-                "outs": ["out/gw/model"], "metrics": [{"out/gw/metrics.json": {"cache": False}}]},
+                "outs": [{"out/gw": {"persist": True}}], "metrics": [{"out/gw-scores.json": {"cache": False}}]},
     }}, sort_keys=False))
 
 
@@ -72,5 +72,5 @@ def test_pulled_caches_skip_extraction(tmp_path, demo_root, tiny_backbone):
     out = run([DVC, "repro"], second)
     assert "Running stage 'fit'" in out and "Running stage 'extract" not in out
     assert out.count("didn't change, skipping") == 3
-    metrics = json.loads((second / "out" / "gw" / "metrics.json").read_text())
-    assert metrics["ledger"]["unet_passes"] == 0 and metrics["ledger"]["reference_unet_passes"] > 0
+    metrics = json.loads((second / "out" / "gw" / "default" / "seed42" / "metrics.json").read_text())
+    assert metrics["unet_passes"] == 0 and metrics["reference_unet_passes"] > 0
