@@ -11,16 +11,7 @@ from pipeline.cache.store import CacheError
 from pipeline.cache.writer import CacheWriter
 from pipeline.data.geobench_task import GeoBenchSplit, TaskSource
 from pipeline.extract import backbone_spec, extract_split, extraction_settings
-
-
-def all_arrays(path: str) -> dict:
-    out = {}
-    group = zarr.open_group(path, mode="r")
-    for name, array in group.arrays():
-        out[name] = array[:]
-    for name, sub in group.groups():
-        out.update({f"{name}/{k}": v for k, v in all_arrays(f"{path}/{name}").items()})
-    return out
+from zarr_arrays import all_arrays
 
 
 def test_cache_holds_what_live_extraction_computes(make_config):

@@ -20,18 +20,9 @@ from pipeline.cache.writer import FILL_DONE, FILL_KEY, CacheWriter
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.extract import Extraction
+from zarr_arrays import all_arrays
 
 FEW = {"up_blocks": {"attn1": [[1, 0]], "conv2": [[3, 2]]}}  # two layers keep these tests quick
-
-
-def all_arrays(path: str) -> dict:
-    out = {}
-    group = zarr.open_group(path, mode="r")
-    for name, array in group.arrays():
-        out[name] = array[:]
-    for name, sub in group.groups():
-        out.update({f"{name}/{k}": v for k, v in all_arrays(f"{path}/{name}").items()})
-    return out
 
 
 def assert_same_arrays(direct: str, filled: str) -> None:
