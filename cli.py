@@ -190,7 +190,7 @@ def fit(
 
 @app.command()
 def evaluate(
-    model: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="A saved model folder (…/model).")],
+    model: Annotated[str, typer.Argument(help="A saved model folder (…/model), or a Hub repo id (user/name).")],
     config: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="The experiment config it was trained with.")],
     split: Annotated[Split, typer.Option(help="Split to evaluate.")] = Split.test,
     cache_dir: Annotated[Optional[str], typer.Option(help="Cache root holding <dataset>/<split>.zarr.")] = None,
@@ -207,6 +207,25 @@ def evaluate(
         cfg = load_config(config, parse_overrides(set_ or []))
         metrics = evaluate_saved(cfg, model, split.value, cache_dir, device)
     typer.echo(json.dumps(metrics, indent=1))
+
+
+@app.command("import-reference")
+def import_reference(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint the reference's run.py saved (best_ckpt_step_*.pth).")],
+    config: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="The experiment config it was trained with.")],
+    out: Annotated[Path, typer.Option(help="The model folder to write (config.json, model.safetensors).")],
+    cache_dir: Annotated[Optional[str], typer.Option(help="Cache root holding <dataset>/<split>.zarr.")] = None,
+    set_: SetOpt = None,
+):
+    """Turn a head trained by the reference code into a saved model that `evaluate` reads."""
+    from pipeline.config import load_config
+    from pipeline.reference_checkpoint import import_reference as convert
+
+    with user_errors():
+        cfg = load_config(config, parse_overrides(set_ or []))
+        folder = convert(checkpoint, cfg, out, cache_dir)
+    typer.echo(f"{folder}: {cfg.fuser} head from {checkpoint}; evaluate it with "
+               f"`satdifuser evaluate {folder} --config {config}`")
 
 
 @app.command()

@@ -21,7 +21,7 @@ import torch
 
 from .config import default_value
 from .errors import UserError, first_line
-from .model import WEIGHTS_NAME, FusionModel
+from .model import MOE_STEPS, WEIGHTS_NAME, FusionModel
 from .outputs import partial_path
 
 log = logging.getLogger(__name__)
@@ -135,16 +135,24 @@ def load_state(given: str, model: FusionModel, cfg, device: torch.device) -> dic
     return state
 
 
+def _with_moe_steps(weights: dict, model: FusionModel, steps: int) -> dict:
+    """States saved before the MoE's step count was a weight: one training forward per step."""
+    if MOE_STEPS in model.state_dict() and MOE_STEPS not in weights:
+        return {**weights, MOE_STEPS: torch.tensor(steps, dtype=torch.long)}
+    return weights
+
+
 def restore(state: dict, model: FusionModel, optimizer: torch.optim.Optimizer, best_dir: Path,
             device: torch.device) -> None:
     """Put the saved weights, buffers, optimizer and RNG state back, and the best model in ``best_dir``."""
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(_with_moe_steps(state["model"], model, state["step"]))
         for name, value in state["buffers"].items():
             model.get_buffer(name).copy_(value)
         optimizer.load_state_dict(state["optimizer"])
         best = FusionModel(model.config)
-        best.load_state_dict(state["best_model"] if state["best_model"] is not None else state["model"])
+        best_weights = state["best_model"] if state["best_model"] is not None else state["model"]
+        best.load_state_dict(_with_moe_steps(best_weights, best, state["best_step"]))
     except (RuntimeError, ValueError, KeyError, AttributeError) as err:
         raise ResumeError(f"resume_from {state['path']}: its weights do not fit the model ({first_line(err)}); "
                           "resume from an intact state or remove resume_from") from None

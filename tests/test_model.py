@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,3 +82,60 @@ def test_a_damaged_model_folder_is_refused_in_one_line(saved_model, damage, mess
         FusionModel.from_pretrained(saved_model)
     assert str(err.value).startswith(str(saved_model)) and message in str(err.value), str(err.value)
     assert str(err.value).endswith("re-run `satdifuser fit` or restore the folder from a copy") and "\n" not in str(err.value)
+
+
+def test_a_reloaded_moe_routes_as_it_did_when_saved(tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = FusionModel(ModelConfig("moe", "linear", SHAPES, ["t47"], 3, projection_dim=128, num_experts=4, top_k=1,
+                                    moe_warmup_steps=5))
+    x = {"t47": {l: torch.randn(6, *s) for l, s in SHAPES.items()}}
+    for _ in range(7):  # past the warm-up: top-k routing
+        model(x)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    again = FusionModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        routed, aux = again(x)
+        torch.testing.assert_close(routed, model(x)[0])
+    assert int(again.fuser.train_steps) == 7 and aux["dense"] is False
+    # A model saved before the count was kept: dense, as it was then, and said so.
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    del weights["fuser.train_steps"]
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    old = FusionModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert old(x)[1]["dense"] is True
+    assert "holds no MoE step count (saved by an older version): it routes as in its warm-up" in caplog.text
+
+
+def hub_cache(cache: Path, repo: str, files: Path) -> None:
+    """``files`` laid out as the Hugging Face cache holds a downloaded repo's main revision."""
+    snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "README.md"):
+        (snapshot / name).write_bytes((files / name).read_bytes())
+    (cache / f"models--{repo.replace('/', '--')}" / "refs").mkdir()
+    (cache / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text("0" * 40)
+
+
+def test_a_model_loads_by_hub_repo_id_and_its_folder_has_a_model_card(tmp_path, monkeypatch):
+    from pipeline.model import ModelError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    model = FusionModel(ModelConfig("gw", "linear", SHAPES, ["t47"], 3, projection_dim=128)).eval()
+    model.save_pretrained(tmp_path / "saved")
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "satdifuser-cache" in card
+    hub_cache(tmp_path / "hub", "lab/gw-meurosat", tmp_path / "saved")
+    again = FusionModel.from_pretrained("lab/gw-meurosat", cache_dir=tmp_path / "hub").eval()
+    x = {"t47": {l: torch.randn(2, *s) for l, s in SHAPES.items()}}
+    with torch.no_grad():
+        torch.testing.assert_close(again(x)[0], model(x)[0])
+    with pytest.raises(ModelError) as err:
+        FusionModel.from_pretrained("lab/unknown", cache_dir=tmp_path / "hub")
+    message = str(err.value)
+    assert message.startswith("lab/unknown: no such model folder, and not a Hub model this machine can fetch (")
+    assert "\n" not in message and message.endswith("or a repo id with network access (or already in the Hugging Face cache)")

@@ -192,7 +192,9 @@ class MoEFuser(Fuser):
             for group in self.scales.values()
         )
         self.warmup_steps = warmup_steps
-        self.register_buffer("train_steps", torch.zeros((), dtype=torch.long), persistent=False)
+        # Saved with the weights: a reloaded model routes as it did when it was saved (top-k after
+        # the warm-up), not densely as a fresh one would.
+        self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
 
     def forward(self, feats: dict) -> tuple[list[torch.Tensor], dict]:
         dense = int(self.train_steps) < self.warmup_steps
