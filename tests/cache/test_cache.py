@@ -112,7 +112,7 @@ def test_reopen_same_request_resumes_other_request_is_refused(tmp_path):
 def test_half_created_store_counts_as_none(tmp_path, monkeypatch):
     import pipeline.cache.writer as writer_module
 
-    def dies(root, plan):
+    def dies(*args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(writer_module, "_create_arrays", dies)
