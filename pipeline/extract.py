@@ -452,4 +452,5 @@ def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter,
     ledger = dict(writer.root.attrs[ATTRS_KEY]["ledger"])
     ledger["bytes_stored"] = sum(int(writer.root[name].nbytes_stored()) for name in writer.array_paths() + ["done"])
     writer.update_info(ledger=ledger)
+    writer.consolidate()
     return ExtractResult(writer.path, plan.num_samples, todo, seconds, todo * passes, todo, write_seconds, wait_seconds)

@@ -11,8 +11,15 @@
       trajectory/<tNN>         (N, 4, h, w) float32, the UNet input x_t of that label's pass [trajectory]
       latents                  (N, 4, h, w) float32                                       [trajectory]
       labels                   (N,) int64 | (N, K) uint8 | (N, H, W) uint8
-      sample_names             (N,) str
+      sample_names             (N,) str (Zarr v3 ``string``, vlen-utf8)
       done                     (N,) bool, written last for each shard
+
+Every array carries Zarr v3 ``dimension_names`` (``ArraySpec.dims``) and short attributes, so that
+xarray and dask open the store without this code. A dimension name has one size in the whole
+store: xarray refuses a group whose arrays give one name two sizes, and the layers of one timestep
+differ in channels and grid, so channel and grid dimensions are named with their size
+(``channel_1280``, ``y_16``, ``x_16``): every grid of 16 rows covers the image at the same
+resolution, whichever array it belongs to.
 
 A cache holds the arrays of the tiers its plan names (``TIERS``; all three by default), and always
 labels, sample names and done marks.
@@ -25,7 +32,7 @@ write.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zarr.codecs as zc
 
@@ -204,6 +211,8 @@ class ArraySpec:
     shards: tuple | None
     dtype: str
     description: str
+    dims: tuple[str, ...] = ()  # Zarr v3 dimension_names, one per axis
+    attrs: dict = field(default_factory=dict)  # what it holds beyond the description: long_name, label, layer
 
     @property
     def rows_per_file(self) -> int:
@@ -211,37 +220,72 @@ class ArraySpec:
         return (self.shards or self.chunks)[0]
 
 
+SAMPLE = "sample"
+LATENT_CHANNEL = "latent_channel"
+
+
+def channel_dim(channels: int) -> str:
+    return f"channel_{channels}"
+
+
+def grid_dims(height: int, width: int) -> tuple[str, str]:
+    return f"y_{height}", f"x_{width}"
+
+
+def label_dims(label_shape: tuple) -> tuple[str, ...]:
+    """Class labels (), a vector over classes (K,), or a label map (H, W)."""
+    if len(label_shape) == 2:
+        return (SAMPLE, *grid_dims(*label_shape))
+    return (SAMPLE, "class") if label_shape else (SAMPLE,)
+
+
 def array_specs(plan: CachePlan) -> list[ArraySpec]:
     """Every array a cache of ``plan`` holds, ``done`` last: the one enumeration of the layout."""
     n, s = plan.num_samples, plan.shard_size
+    latent_dims = (SAMPLE, LATENT_CHANNEL, *grid_dims(*plan.latent_shape[1:]))
 
-    def per_shard(name, shape, dtype, what):
-        return ArraySpec(name, (n, *shape), (s, *shape), None, dtype, what)
+    def per_shard(name, shape, dtype, what, dims, **attrs):
+        return ArraySpec(name, (n, *shape), (s, *shape), None, dtype, what, dims, attrs)
 
     specs = []
     maps, uint8 = plan.holds("maps"), plan.map_encoding == "uint8"
     for t in plan.timesteps:
         for layer, shape in plan.layer_shapes.items():
+            where = {"label": t, "layer": layer}
+            channels = (SAMPLE, channel_dim(shape[0]))
             if maps:
                 # One chunk per image so a batch reads only its images; shards keep file counts low.
                 specs.append(ArraySpec(feature_path(t, layer), (n, *shape), (1, *shape), (s, *shape),
                                        "uint8" if uint8 else "float16",
                                        f"feature maps of {layer} at label {t}" + ("" if plan.map_encoding == EXACT_ENCODING
-                                       else f", {plan.map_encoding}")))
+                                       else f", {plan.map_encoding}"), (*channels, *grid_dims(*shape[1:])),
+                                       {"long_name": f"{layer} maps at {t}", **where}))
             if maps and uint8:
                 specs.append(per_shard(feature_scale_path(t, layer), (shape[0], 2), "float32",
-                                       f"(offset, scale) per channel of features/{t}/{layer}: x = offset + scale * q"))
+                                       f"(offset, scale) per channel of features/{t}/{layer}: x = offset + scale * q",
+                                       (*channels, "offset_scale"), long_name=f"{layer} map scales at {t}", **where))
             if plan.holds("pooled"):
                 specs.append(per_shard(pooled_path(t, layer), (shape[0],), "float32",
-                                       f"spatial means of {layer} at label {t}"))
+                                       f"spatial means of {layer} at label {t}", channels,
+                                       long_name=f"{layer} pooled at {t}", **where))
         if plan.holds("trajectory"):
-            specs.append(per_shard(trajectory_path(t), plan.latent_shape, "float32", f"UNet input x_t of label {t}"))
+            specs.append(per_shard(trajectory_path(t), plan.latent_shape, "float32", f"UNet input x_t of label {t}",
+                                   latent_dims, long_name=f"x_t at {t}", label=t))
     if plan.holds("trajectory"):
-        specs.append(per_shard("latents", plan.latent_shape, "float32", "VAE latents, scaled"))
-    specs.append(per_shard("labels", plan.label_shape, plan.label_dtype, "labels"))
-    specs.append(ArraySpec("sample_names", (n,), (s,), None, "str", "sample names"))
-    specs.append(ArraySpec("done", (n,), (s,), None, "bool", "shards written in full"))
+        specs.append(per_shard("latents", plan.latent_shape, "float32", "VAE latents, scaled", latent_dims,
+                               long_name="VAE latents"))
+    specs.append(per_shard("labels", plan.label_shape, plan.label_dtype, "labels", label_dims(plan.label_shape),
+                           long_name="labels"))
+    specs.append(ArraySpec("sample_names", (n,), (s,), None, "str", "sample names", (SAMPLE,),
+                           {"long_name": "sample names"}))
+    specs.append(done_spec("done", plan, "shards written in full"))
     return specs
+
+
+def done_spec(name: str, plan: CachePlan, what: str) -> ArraySpec:
+    """Done marks, one chunk per shard so that marking a shard is one atomic write."""
+    return ArraySpec(name, (plan.num_samples,), (plan.shard_size,), None, "bool", what, (SAMPLE,),
+                     {"long_name": what})
 
 
 def object_key(array, shard: int) -> str:

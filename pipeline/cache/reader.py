@@ -325,6 +325,19 @@ class FeatureCache:
     def dataset(self, timesteps=None, layers=None, pooled: bool = False) -> "CacheDataset":
         return CacheDataset(self, timesteps, layers, pooled)
 
+    # --- for other tools (``views``) ----------------------------------------------------------
+    def to_dask(self, decode: bool = True) -> dict:
+        """``{array path: dask array}``, one chunk per shard; uint8 maps decoded unless ``decode=False``."""
+        from .views import dask_arrays
+
+        return dask_arrays(self, decode)
+
+    def to_xarray(self, decode: bool = True):
+        """An ``xarray.DataTree`` over the store's groups, lazy, with the sample names as coordinate."""
+        from .views import datatree
+
+        return datatree(self, decode)
+
 
 class CacheDataset(Dataset):
     """A torch Dataset over a cache: ``{"features": {t: {layer: tensor}}, "label", "index"}``."""

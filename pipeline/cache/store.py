@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import zarr
 
@@ -64,7 +65,11 @@ def _access_error(path: str, err: Exception) -> CacheError | None:
 
 
 def open_root(path: str, mode: str, storage_options: dict | None = None):
-    """The root group of a store; ``file://`` and object-store URLs go through fsspec."""
+    """The root group of a store; ``file://`` and object-store URLs go through fsspec.
+
+    Consolidated metadata is never used here: a group opened with it does not see arrays created
+    after it was written (a fill's, say), so this code reads each array's own metadata, which is
+    always current. It is written for other tools only (``consolidate``)."""
     kwargs = {}
     if is_url(path):
         check_location(path, writing=False)
@@ -73,7 +78,7 @@ def open_root(path: str, mode: str, storage_options: dict | None = None):
             opts.setdefault("auto_mkdir", True)
         kwargs["storage_options"] = opts
     try:
-        return zarr.open_group(str(path), mode=mode, zarr_format=3, **kwargs)
+        return zarr.open_group(str(path), mode=mode, zarr_format=3, use_consolidated=False, **kwargs)
     except ImportError as err:
         raise CacheError(f"cannot open {path}: {err}; install the fsspec package for {protocol(path)}:// "
                          f"(e.g. pip install s3fs for s3://)") from None
@@ -82,6 +87,22 @@ def open_root(path: str, mode: str, storage_options: dict | None = None):
         if access is not None:
             raise access from None
         raise
+
+
+def consolidate(root) -> None:
+    """Copy every array's metadata into the root's zarr.json, so that xarray and other tools open the
+    store with one read. Only a finished store is consolidated; its writers drop the copy before they
+    change what it lists (``unconsolidate``)."""
+    with warnings.catch_warnings():  # zarr warns that Zarr v3 does not specify it yet: we know
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(root.store, root.path or None, zarr_format=3)
+
+
+def unconsolidate(root) -> None:
+    """Drop the consolidated metadata of ``root`` (opened by ``open_root``) before arrays are created
+    or deleted, so that no tool reads a stale list of them: the root's zarr.json is rewritten from
+    the group as opened, which holds its attributes and not the copy."""
+    root.attrs.put(dict(root.attrs))
 
 
 class ChunkPresence:

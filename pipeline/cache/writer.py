@@ -5,6 +5,9 @@ shard is marked done only after all its arrays are written (and its work added t
 store being replaced first stops claiming anything (its provenance gives way to a "being created"
 mark) before any of its data is deleted. A kill at any moment leaves the old complete store, or a
 store that resumes (or starts afresh), never one that claims data it does not hold.
+
+A finished store carries consolidated metadata for other tools (``consolidate``); a writer drops it
+before it creates or deletes arrays, so that what it lists is never stale.
 """
 
 from __future__ import annotations
@@ -13,13 +16,17 @@ import dataclasses
 import datetime as dt
 
 import numpy as np
+from zarr.dtype import VariableLengthUTF8
 
 from . import encoding
 from .layout import (
-    ATTRS_KEY, CREATING_KEY, FORMAT_VERSION, ArraySpec, CachePlan, array_specs, compressors, feature_path,
+    ATTRS_KEY, CREATING_KEY, FORMAT_VERSION, ArraySpec, CachePlan, array_specs, compressors, done_spec, feature_path,
     feature_scale_path, object_key, ordered_tiers,
 )
-from .store import CacheError, CacheMismatch, ChunkPresence, differences, normalise, open_root, path_exists, remove
+from .store import (
+    CacheError, CacheMismatch, ChunkPresence, consolidate, differences, normalise, open_root, path_exists, remove,
+    unconsolidate,
+)
 
 
 # While tiers are added to a complete cache (from its trajectory), the provenance names them under
@@ -92,7 +99,7 @@ class CacheWriter:
                storage_options: dict | None = None) -> "CacheWriter":
         """A new, empty store for ``request``, replacing whatever was at ``path``."""
         root = _emptied(path, storage_options)
-        _create_arrays(root, plan)
+        _create_arrays(root, plan, request)
         # Provenance last: until then the store is known to be half-created.
         root.attrs.put({ATTRS_KEY: {
             "format_version": FORMAT_VERSION,
@@ -125,7 +132,9 @@ class CacheWriter:
             try:
                 array = self.root[spec.name]
             except KeyError:
-                _create_array(self.root, spec, self.plan)
+                if not created:
+                    unconsolidate(self.root)
+                _create_array(self.root, spec, self.plan, self.request)
                 created.append(spec.name)
                 continue
             if tuple(array.shape) != spec.shape or (spec.dtype != "str" and str(array.dtype) != spec.dtype):
@@ -210,6 +219,7 @@ class CacheWriter:
         plan = dataclasses.replace(self.plan, tiers=ordered_tiers((*self.plan.tiers, *tiers)))
         if map_encoding is not None and "maps" in tiers and not self.plan.holds("maps"):
             plan = dataclasses.replace(plan, map_encoding=map_encoding)
+        unconsolidate(self.root)
         attrs = self.root.attrs[ATTRS_KEY]
         fresh = self.filling != tiers or attrs.get(FILL_ENCODING, self.plan.map_encoding) != plan.map_encoding
         if fresh:  # named first, so that whatever a killed fill leaves is known to be the fill's
@@ -217,13 +227,12 @@ class CacheWriter:
                              **({"map_error": {}} if "maps" in tiers else {}))
         held = {spec.name for spec in array_specs(self.plan)}
         added = [spec for spec in array_specs(plan) if spec.name not in held]
-        done = ArraySpec(FILL_DONE, (plan.num_samples,), (plan.shard_size,), None, "bool", "shards filled")
-        for spec in (*added, done):
+        for spec in (*added, done_spec(FILL_DONE, plan, "shards filled")):
             present = spec.name in self.root
             if present and fresh:
                 del self.root[spec.name]
             if fresh or not present:
-                _create_array(self.root, spec, plan)
+                _create_array(self.root, spec, plan, self.request)
         return CacheWriter(self.root, self.path, plan, FILL_DONE, [spec.name for spec in added])
 
     def finish_fill(self, **info) -> None:
@@ -239,6 +248,15 @@ class CacheWriter:
         attrs.update(plan=self.plan.to_attrs(), **normalise(info))
         self.root.attrs[ATTRS_KEY] = attrs
         del self.root[FILL_DONE]
+        self.consolidate()
+
+    def consolidate(self) -> None:
+        """Consolidate the metadata of a finished store (see the module's note)."""
+        consolidate(self.root)
+
+    @property
+    def request(self) -> dict:
+        return self.root.attrs[ATTRS_KEY]["request"]
 
     def update_info(self, **values) -> None:
         attrs = dict(self.root.attrs[ATTRS_KEY])
@@ -291,7 +309,7 @@ def _emptied(path: str, storage_options: dict | None):
         except CacheError:
             remove(path, storage_options)
         else:
-            root.attrs.put({CREATING_KEY: True})
+            root.attrs.put({CREATING_KEY: True})  # the consolidated copy goes with the provenance
             for name in sorted(dict(root.members())):
                 del root[name]
             return root
@@ -300,15 +318,41 @@ def _emptied(path: str, storage_options: dict | None):
     return root
 
 
-def _create_arrays(root, plan: CachePlan) -> None:
+def _create_arrays(root, plan: CachePlan, request: dict | None = None) -> None:
     for spec in array_specs(plan):
-        _create_array(root, spec, plan)
+        _create_array(root, spec, plan, request)
 
 
-def _create_array(root, spec: ArraySpec, plan: CachePlan) -> None:
-    extra = {"fill_value": False} if spec.name in ("done", FILL_DONE) else {}
-    attributes = {"description": spec.description}
+def array_attributes(spec: ArraySpec, plan: CachePlan, request: dict | None) -> dict:
+    """What ``spec``'s array holds, for a reader without this code: its description and the spec's
+    attributes, the UNet timestep of its label, the classes of the labels, the decoding of maps."""
+    attributes = {"description": spec.description, **spec.attrs}
+    unet = ((request or {}).get("extraction") or {}).get("unet_timesteps") or {}
+    if spec.attrs.get("label") in unet:
+        attributes["unet_timestep"] = unet[spec.attrs["label"]]
+    if spec.name == "labels":
+        attributes.update(class_attributes(plan, ((request or {}).get("dataset") or {}).get("class_names")))
     if spec.name.startswith("features/"):
         attributes.update(encoding.array_attributes(plan.map_encoding, *spec.name.split("/")[1:]))
-    root.create_array(spec.name, shape=spec.shape, chunks=spec.chunks, shards=spec.shards, dtype=spec.dtype,
-                      compressors=compressors(plan.codec), attributes=attributes, **extra)
+    return attributes
+
+
+def class_attributes(plan: CachePlan, names) -> dict:
+    """The class names, and for class indices (labels and label maps) the CF ``flag_values`` and
+    ``flag_meanings`` (blank-separated, so blanks in a name become underscores) that cf-xarray reads."""
+    if not names:
+        return {}
+    attributes = {"class_names": list(names)}
+    if len(plan.label_shape) != 1:  # a multi-label vector's axis is the class, its values 0/1
+        attributes.update(flag_values=list(range(len(names))),
+                          flag_meanings=" ".join("_".join(str(n).split()) for n in names))
+    return attributes
+
+
+def _create_array(root, spec: ArraySpec, plan: CachePlan, request: dict | None = None) -> None:
+    extra = {"fill_value": False} if spec.dtype == "bool" else {}
+    # Zarr v3's registered `string` type (vlen-utf8), named rather than left to what zarr makes of "str".
+    dtype = VariableLengthUTF8() if spec.dtype == "str" else spec.dtype
+    root.create_array(spec.name, shape=spec.shape, chunks=spec.chunks, shards=spec.shards, dtype=dtype,
+                      compressors=compressors(plan.codec), attributes=array_attributes(spec, plan, request),
+                      dimension_names=spec.dims or None, **extra)

@@ -1,11 +1,13 @@
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 
 from pipeline.cache.audit import cache_info, verify_cache
-from pipeline.cache.layout import CachePlan, feature_path, pooled_path, trajectory_path
+from pipeline.cache.layout import CachePlan, array_specs, feature_path, pooled_path, trajectory_path
 from pipeline.cache.reader import open_cache
 from pipeline.cache.store import CacheError
 from pipeline.cache.writer import CacheWriter
@@ -110,7 +112,7 @@ def test_reopen_same_request_resumes_other_request_is_refused(tmp_path):
 def test_half_created_store_counts_as_none(tmp_path, monkeypatch):
     import pipeline.cache.writer as writer_module
 
-    def dies(root, plan):
+    def dies(*args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(writer_module, "_create_arrays", dies)
@@ -266,3 +268,91 @@ def test_an_emptied_shard_file_is_missing_data_not_zeros(tmp_path, as_url):
     with pytest.raises(CacheError, match=r"array features/t47/up_blocks_3_conv2_2, rows 4-7: "):
         open_cache(path).features([5], ["t47"], ["up_blocks_3_conv2_2"])
     assert "missing: features/t47/up_blocks_3_conv2_2/c/1/0/0/0" in verify_cache(open_cache(path))[0]
+
+
+def test_every_array_names_its_dimensions_with_one_size_per_name(tmp_path):
+    build(tmp_path / "c.zarr")
+    root = zarr.open_group(str(tmp_path / "c.zarr"), mode="r", use_consolidated=False)
+    sizes = {}
+    for spec in array_specs(PLAN):
+        array = root[spec.name]
+        assert array.metadata.dimension_names == spec.dims and len(spec.dims) == array.ndim, spec.name
+        for dim, size in zip(spec.dims, array.shape):
+            assert sizes.setdefault(dim, size) == size, f"{dim} has sizes {sizes[dim]} and {size}"
+    assert root[feature_path("t47", "up_blocks_1_attn1_0")].metadata.dimension_names == (
+        "sample", "channel_8", "y_4", "x_4")
+    assert root["latents"].metadata.dimension_names == ("sample", "latent_channel", "y_8", "x_8")
+
+
+def test_label_dimensions_and_class_attributes_follow_the_task():
+    from pipeline.cache.layout import label_dims
+    from pipeline.cache.writer import class_attributes
+
+    assert label_dims(()) == ("sample",) and label_dims((5,)) == ("sample", "class")
+    assert label_dims((64, 64)) == ("sample", "y_64", "x_64")
+    masks = CachePlan(**{**PLAN.__dict__, "label_shape": (8, 8), "label_dtype": "uint8"})
+    assert class_attributes(masks, ["no data", "water"]) == {
+        "class_names": ["no data", "water"], "flag_values": [0, 1], "flag_meanings": "no_data water"}
+    multi = CachePlan(**{**PLAN.__dict__, "label_shape": (2,), "label_dtype": "uint8"})
+    assert class_attributes(multi, ["a", "b"]) == {"class_names": ["a", "b"]}
+    assert class_attributes(PLAN, None) == {}
+
+
+def test_sample_names_are_zarr_v3_strings_in_vlen_utf8(tmp_path):
+    """Decoded from the bytes on disk as the zarr-extensions `vlen-utf8` codec specifies, without zarr."""
+    import numcodecs
+
+    build(tmp_path / "c.zarr")
+    meta = json.loads((tmp_path / "c.zarr" / "sample_names" / "zarr.json").read_text())
+    assert meta["data_type"] == "string" and [c["name"] for c in meta["codecs"]] == ["vlen-utf8", "blosc", "crc32c"]
+    raw = (tmp_path / "c.zarr" / "sample_names" / "c" / "1").read_bytes()[:-4]  # the crc32c goes last
+    data = numcodecs.Blosc().decode(raw)
+    count, offset, names = int.from_bytes(data[:4], "little"), 4, []
+    for _ in range(count):
+        length = int.from_bytes(data[offset:offset + 4], "little")
+        names.append(bytes(data[offset + 4:offset + 4 + length]).decode("utf-8"))
+        offset += 4 + length
+    assert names == ["s4", "s5", "s6", "s7"]
+
+
+def consolidated_arrays(path) -> set | None:
+    doc = json.loads((Path(path) / "zarr.json").read_text())
+    if "consolidated_metadata" not in doc:
+        return None
+    return {k for k, v in doc["consolidated_metadata"]["metadata"].items() if v["node_type"] == "array"}
+
+
+def test_consolidated_metadata_is_dropped_while_arrays_change_and_fresh_after_a_fill(tmp_path):
+    import xarray as xr
+
+    path = tmp_path / "c.zarr"
+    plan = CachePlan(**{**PLAN.__dict__, "tiers": ("trajectory",)})
+    writer = CacheWriter.create(str(path), REQUEST, plan)
+    for shard in range(plan.num_shards):
+        writer.write_shard(shard, {k: v for k, v in fake_shard(plan, shard).items() if k in writer.array_paths()})
+    writer.consolidate()
+    assert consolidated_arrays(path) == {spec.name for spec in array_specs(plan)}
+    fill = CacheWriter.reopen(str(path), REQUEST).begin_fill(["pooled"])
+    assert consolidated_arrays(path) is None  # the fill's arrays are not in a copy made before them
+    for shard in range(plan.num_shards):
+        fill.write_shard(shard, {k: v for k, v in fake_shard(PLAN, shard).items() if k.startswith("pooled/")})
+    fill.finish_fill()
+    filled = {spec.name for spec in array_specs(fill.plan)}
+    assert consolidated_arrays(path) == filled and pooled_path("t40", "up_blocks_3_conv2_2") in filled
+    tree = xr.open_datatree(str(path), engine="zarr", consolidated=True)
+    np.testing.assert_array_equal(tree[pooled_path("t40", "up_blocks_3_conv2_2")].values,
+                                  open_cache(str(path)).pooled(range(10), ["t40"])["t40"]["up_blocks_3_conv2_2"])
+    # An array deleted by hand and created again empty: the copy that listed the old one goes first.
+    shutil.rmtree(path / "latents")
+    assert CacheWriter.reopen(str(path), REQUEST).restore_arrays() == ["latents"]
+    assert consolidated_arrays(path) is None
+
+
+def test_our_reader_does_not_trust_consolidated_metadata(tmp_path):
+    """An array created after consolidation (a fill's, say) is invisible through the stale copy."""
+    path = tmp_path / "c.zarr"
+    build(path).consolidate()
+    stale = zarr.open_group(str(path), mode="r+")
+    stale.create_array("extra", shape=(10,), dtype="int8")
+    assert "extra" not in zarr.open_group(str(path), mode="r")  # zarr's default reads the copy
+    assert "extra" in open_cache(str(path)).root
