@@ -27,10 +27,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATE = re.compile(r"(\d+) extracted.*, ([\d.]+) (img/s|s/img)$")
 
 
-def extract_with(ranks: int, config: str, split: str, cache_dir: str) -> dict:
+def extract_with(ranks: int, config: str, split: str, cache_dir: str, paths: dict) -> dict:
     """One extraction by ``ranks`` processes, as a user starts it; its figures."""
     command = [sys.executable, "-m", "cli", "extract", config, "--split", split, "--cache-dir", cache_dir,
-               "--no-progress", *[f"--set={k}={v}" for k, v in demo_paths().items()]]
+               "--no-progress", *[f"--set={k}={v}" for k, v in paths.items()]]
     if ranks > 1:
         command += ["--nproc", str(ranks)]
     started = time.perf_counter()
@@ -48,10 +48,10 @@ def extract_with(ranks: int, config: str, split: str, cache_dir: str) -> dict:
 def compare_extraction(args) -> None:
     from pipeline.cache.reader import open_cache
 
-    rows, ledgers = [], []
+    rows, ledgers, paths = [], [], demo_paths()
     for ranks in (1, 2):
         with tempfile.TemporaryDirectory() as tmp:
-            row = extract_with(ranks, args.config, args.split, tmp)
+            row = extract_with(ranks, args.config, args.split, tmp, paths)
             cache = open_cache(row["cache"])
             ledgers.append({k: cache.attrs["ledger"][k] for k in ("unet_passes", "vae_passes", "images_extracted")})
             row["complete"] = bool(cache.done.all())
