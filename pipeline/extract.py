@@ -422,8 +422,10 @@ def write_and_count(writer: CacheWriter, shard: int, arrays: dict, work: dict, l
     added to it instead of the store's attributes."""
     start = time.perf_counter()
     lock.check()
-    errors = writer.write_shard(shard, arrays, work, before_done=lock.check, record=unrecorded is None)
-    if unrecorded is not None:
+    if unrecorded is None:
+        writer.write_shard(shard, arrays, work, before_done=lock.check)
+    else:
+        errors = writer.write_shard(shard, arrays, work, before_done=lock.check, record=False)
         add_unrecorded(unrecorded, {"work": work, "map_error": errors})
     return time.perf_counter() - start
 
