@@ -47,7 +47,8 @@ def user_errors():
     try:
         yield
     except (UserError, FileNotFoundError) as err:
-        typer.echo(f"error: {err}", err=True)
+        if not getattr(err, "quiet", False):  # said already, by another process
+            typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
 
 
@@ -109,16 +110,28 @@ def extract(
     from_trajectory: Annotated[bool, typer.Option(help="Add the --store tiers (maps, pooled) to a complete cache from its stored trajectory: one UNet pass per saved label and image, no VAE.")] = False,
     set_: SetOpt = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    nproc: Annotated[Optional[int], typer.Option(min=1, help="Ranks on this machine, one per device: launches torchrun, each rank writing its share of the shards (see README, Many GPUs and nodes).")] = None,
 ):
     """Run DiffusionSat once over a split and write its features to the Zarr cache.
 
     A killed run resumes where it stopped; shards marked done whose files are missing are
     extracted again, and --repair also re-extracts those `cache verify` finds damaged.
-    --from-trajectory adds maps and/or pooled vectors to a cache that holds the trajectory."""
+    --from-trajectory adds maps and/or pooled vectors to a cache that holds the trajectory.
+    Under torchrun, every rank writes its share of the shards into the same store."""
     from pipeline.config import load_config
+    from pipeline.distributed import RankExtraction, Ranks, launch, strip_nproc
     from pipeline.errors import UserError
     from pipeline.extract import Extraction, rate_text
 
+    with user_errors():
+        ranks = Ranks.from_env()
+        if nproc and ranks is not None:
+            raise UserError(f"--nproc {nproc} launches torchrun itself, but this process is already rank {ranks.rank} "
+                            f"of {ranks.world}; leave --nproc out under torchrun")
+        if from_trajectory and (ranks is not None or (nproc or 1) > 1):
+            raise UserError("--from-trajectory runs in one process; start it without torchrun")
+    if nproc and nproc > 1:
+        raise typer.Exit(launch(nproc, strip_nproc(sys.argv[1:])))
     with user_errors():
         for flag, given, why in (("--overwrite", overwrite, "rebuilds it"), ("--repair", repair, "re-extracts its damaged shards")):
             if from_trajectory and given:
@@ -129,15 +142,22 @@ def extract(
             overrides["cache_dir"] = cache_dir
         overrides.update(storage_overrides(store, map_encoding))
         tiers = overrides.pop("store", None) if from_trajectory else None
-        extraction = Extraction(load_config(config, overrides), device)
+        cfg = load_config(config, overrides)
+        extraction = Extraction(cfg, device) if ranks is None else RankExtraction(cfg, ranks, device)
         splits = ["train", "val", "test"] if split is Split.all else [split.value]
         for name in splits:
             if from_trajectory:
                 echo_fill(extraction.fill_from_trajectory(name, tiers=tiers, progress=progress, wait=wait))
                 continue
-            result = extraction.run(name, overwrite=overwrite, progress=progress, repair=repair, wait=wait)
+            result = extraction.run(name, overwrite=overwrite, progress=progress and (ranks is None or ranks.leader),
+                                    repair=repair, wait=wait)
+            if ranks is not None and not ranks.leader:
+                continue  # rank 0 reports for all
             rate = f", {rate_text(result.extracted, result.seconds)}" if result.extracted else " (already complete)"
-            typer.echo(f"{result.path}: {result.num_samples} samples, {result.extracted} extracted{rate}")
+            by = f" by {ranks.world} ranks" if ranks is not None and result.extracted else ""
+            typer.echo(f"{result.path}: {result.num_samples} samples, {result.extracted} extracted{by}{rate}")
+        if ranks is not None:
+            extraction.close()
 
 
 def echo_fill(result) -> None:

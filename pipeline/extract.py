@@ -8,7 +8,7 @@ import re
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from . import __version__
 from .backbone.extractor import EXTRACTION_VERSION, BatchFeatures, ExtractionSettings, FeatureExtractor, precision
 from .backbone.loader import BackboneSpec, fingerprint, load_diffusionsat, read_scheduler_config
 from .backbone.schedule import Schedule, label_key
+from .cache import encoding
 from .cache.layout import (
     ATTRS_KEY, EXACT_ENCODING, CachePlan, array_specs, feature_path, ordered_tiers, pooled_path, trajectory_path,
 )
@@ -121,6 +122,9 @@ class ExtractResult:
     vae_passes: int
     write_seconds: float = 0.0  # spent writing shards, in the background thread
     write_wait_seconds: float = 0.0  # of which the computation waited for (the write's real cost)
+    # Work and map error sums the run left out of the store's attributes (``record=False``), for
+    # the process that records them.
+    unrecorded: dict = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -197,30 +201,47 @@ class Extraction:
         with its holder named, or waited for with ``wait``. A complete cache is left as it is
         without writing anything, so it may lie on read-only media.
         """
+        path, dataset, request = self.split_request(split, path)
+        if not self.needs_writing(path, dataset, request, overwrite, replace_mismatched, repair):
+            return ExtractResult(path, len(dataset), 0, 0.0, 0, 0)
+        with WriterLock(path, self.storage_options, wait=wait) as lock:
+            writer = self.open_writer(path, dataset, request, overwrite, replace_mismatched, repair)
+            if not writer.pending_shards():
+                return ExtractResult(path, len(dataset), 0, 0.0, 0, 0)
+            return _run(self.cfg, dataset, self.extractor, writer, progress, lock)
+
+    def split_request(self, split: str, path: str | None) -> tuple[str, GeoBenchSplit, dict]:
+        """The store path of ``split``, its samples and the request a cache of them answers."""
         cfg = self.cfg
         path = path or cfg.cache_path(split)
         check_location(path, writing=True)
         dataset = GeoBenchSplit(self.source, split)
         if len(dataset) == 0:
             raise ConfigError(f"{cfg.config_file}: split {split!r} of {cfg.dataset_name} has no samples")
-        request = self.request(dataset)
+        return path, dataset, self.request(dataset)
+
+    def needs_writing(self, path: str, dataset: GeoBenchSplit, request: dict, overwrite: bool,
+                      replace_mismatched: bool, repair: bool) -> bool:
+        """False when the cache is complete; else checks that ``path`` can take the shards still to write."""
         if not (overwrite or repair) and self._complete(path, request, replace_mismatched):
             log.info("cache %s is complete; nothing to extract", path)
-            return ExtractResult(path, len(dataset), 0, 0.0, 0, 0)
+            return False
         _check_writable(path)
-        check_room(cfg, path, dataset, replace=overwrite)
-        with WriterLock(path, self.storage_options, wait=wait) as lock:
-            writer = None if overwrite else self._reopen(path, request, replace_mismatched, "r+")
-            if writer is not None:
-                check_store_writable(writer)
-                _mend(writer, repair, self.storage_options)
-            if writer is None:
-                info = {"code_version": __version__, "unet_passes_per_image": self.schedule.unet_passes,
-                        "layer_catalog": self.extractor.catalog}
-                writer = CacheWriter.create(path, request, self._plan(dataset), info, self.storage_options)
-            if not writer.pending_shards():
-                return ExtractResult(path, len(dataset), 0, 0.0, 0, 0)
-            return _run(cfg, dataset, self.extractor, writer, progress, lock)
+        check_room(self.cfg, path, dataset, replace=overwrite)
+        return True
+
+    def open_writer(self, path: str, dataset: GeoBenchSplit, request: dict, overwrite: bool,
+                    replace_mismatched: bool, repair: bool) -> CacheWriter:
+        """The writer of the store at ``path``, reopened and mended or created; the lock is held."""
+        writer = None if overwrite else self._reopen(path, request, replace_mismatched, "r+")
+        if writer is not None:
+            check_store_writable(writer)
+            _mend(writer, repair, self.storage_options)
+        if writer is None:
+            info = {"code_version": __version__, "unet_passes_per_image": self.schedule.unet_passes,
+                    "layer_catalog": self.extractor.catalog}
+            writer = CacheWriter.create(path, request, self._plan(dataset), info, self.storage_options)
+        return writer
 
     def fill_from_trajectory(self, split: str, path: str | None = None, tiers=None, progress: bool = True,
                              wait: bool = False):
@@ -394,21 +415,48 @@ def shard_batches(plan: CachePlan, shards: list[int], batch_size: int) -> list[l
     return out
 
 
-def write_and_count(writer: CacheWriter, shard: int, arrays: dict, work: dict, lock: WriterLock) -> float:
+def write_and_count(writer: CacheWriter, shard: int, arrays: dict, work: dict, lock: WriterLock,
+                    unrecorded: dict | None = None) -> float:
     """Write a shard with its work for the ledger (counted before it is marked done, so a kill never
-    loses the count); returns the seconds it took."""
+    loses the count); returns the seconds it took. With ``unrecorded`` the work and map errors are
+    added to it instead of the store's attributes."""
     start = time.perf_counter()
     lock.check()
-    writer.write_shard(shard, arrays, work, before_done=lock.check)
+    if unrecorded is None:
+        writer.write_shard(shard, arrays, work, before_done=lock.check)
+    else:
+        errors = writer.write_shard(shard, arrays, work, before_done=lock.check, record=False)
+        add_unrecorded(unrecorded, {"work": work, "map_error": errors})
     return time.perf_counter() - start
 
 
+def add_unrecorded(total: dict, part: dict) -> None:
+    """Add one run's (or shard's) ``work`` and ``map_error`` sums into ``total``."""
+    work, sums = total.setdefault("work", {}), total.setdefault("map_error", {})
+    for key, value in part.get("work", {}).items():
+        work[key] = work.get(key, 0) + value
+    for key, value in part.get("map_error", {}).items():
+        sums[key] = encoding.add_errors(sums.get(key), value)
+
+
+def record_size(writer: CacheWriter) -> None:
+    """Put the bytes the store holds into its ledger and consolidate its metadata: the last write
+    of a run (a later attribute write drops the consolidated copy)."""
+    ledger = dict(writer.root.attrs[ATTRS_KEY]["ledger"])
+    ledger["bytes_stored"] = sum(int(writer.root[name].nbytes_stored()) for name in writer.array_paths() + ["done"])
+    writer.update_info(ledger=ledger)
+    writer.consolidate()
+
+
 def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter, progress: bool,
-         lock: WriterLock) -> ExtractResult:
+         lock: WriterLock, shards: list[int] | None = None, record: bool = True) -> ExtractResult:
+    """Extract ``shards`` (default: every shard not done) into ``writer``. Without ``record`` the
+    store's attributes are not written: the work and map errors are returned in ``unrecorded``."""
     from tqdm.auto import tqdm
 
     plan = writer.plan
-    shards = writer.pending_shards()
+    shards = writer.pending_shards() if shards is None else shards
+    unrecorded = None if record else {}
     batches = shard_batches(plan, shards, cfg.extract_batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=loader_workers(cfg.num_workers), collate_fn=collate)
     todo = sum(len(b) for b in batches)
@@ -440,7 +488,7 @@ def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter,
                 work = {"unet_passes": n * passes, "vae_passes": n, "images_extracted": n,
                         "extract_seconds": now - shard_started}
                 shard_started = now
-                pending = background.submit(write_and_count, writer, shard, buffer.arrays, work, lock)
+                pending = background.submit(write_and_count, writer, shard, buffer.arrays, work, lock, unrecorded)
                 shard = next(shard_iter, None)
                 if shard is not None:
                     buffer = ShardBuffer(len(range(*plan.shard_range(shard))))
@@ -449,8 +497,7 @@ def _run(cfg: Config, dataset, extractor: FeatureExtractor, writer: CacheWriter,
             write_seconds += pending.result()
             wait_seconds += time.perf_counter() - waited
     seconds = time.perf_counter() - started
-    ledger = dict(writer.root.attrs[ATTRS_KEY]["ledger"])
-    ledger["bytes_stored"] = sum(int(writer.root[name].nbytes_stored()) for name in writer.array_paths() + ["done"])
-    writer.update_info(ledger=ledger)
-    writer.consolidate()
-    return ExtractResult(writer.path, plan.num_samples, todo, seconds, todo * passes, todo, write_seconds, wait_seconds)
+    if record:  # else the process that records the other ranks' work finishes the store
+        record_size(writer)
+    return ExtractResult(writer.path, plan.num_samples, todo, seconds, todo * passes, todo, write_seconds, wait_seconds,
+                         unrecorded or {})

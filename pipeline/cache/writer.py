@@ -149,7 +149,7 @@ class CacheWriter:
 
     # --- writing -----------------------------------------------------------------------------
     def write_shard(self, shard: int, arrays: dict[str, np.ndarray], work: dict | None = None,
-                    before_done=None) -> None:
+                    before_done=None, record: bool = True) -> dict:
         """Write every array of one shard, add ``work`` to the ledger, then mark the shard done.
 
         ``arrays`` maps store paths (``features/t47/up_blocks_1_attn1_0``, ``latents``, ...) to the
@@ -159,6 +159,8 @@ class CacheWriter:
         be present so a shard is never marked done half-written. The ledger is updated before the
         mark, so a kill in between counts the work (and the error sums) twice (it is redone), never
         not at all. ``before_done`` is called just before the mark (the writer's claim check).
+        Without ``record`` the attributes are left alone (another process records the work, see
+        ``add_work``); returns the error sums of the shard's lossy maps by ``t/layer``.
         """
         start, stop = self.plan.shard_range(shard)
         for name, rows in arrays.items():
@@ -170,18 +172,25 @@ class CacheWriter:
             raise ValueError(f"shard {shard} lacks arrays {missing[:3]}{'...' if len(missing) > 3 else ''}")
         for name, rows in arrays.items():
             self.root[name][start:stop] = rows
-        if work or errors:
-            attrs = self.root.attrs[ATTRS_KEY]
-            ledger = dict(attrs.get("ledger", {}))
-            for key, value in (work or {}).items():
-                ledger[key] = round(ledger.get(key, 0) + value, 3)
-            sums = dict(attrs.get("map_error", {}))
-            for key, value in errors.items():
-                sums[key] = encoding.add_errors(sums.get(key), value)
-            self.update_info(ledger=ledger, **({"map_error": sums} if errors else {}))
+        if record:
+            self.add_work(work or {}, errors)
         if before_done is not None:
             before_done()
         self.root[self.done_array][start:stop] = True
+        return errors
+
+    def add_work(self, work: dict, errors: dict) -> None:
+        """Add ``work`` to the ledger and ``errors`` to the map error sums, in one attribute write."""
+        if not (work or errors):
+            return
+        attrs = self.root.attrs[ATTRS_KEY]
+        ledger = dict(attrs.get("ledger", {}))
+        for key, value in work.items():
+            ledger[key] = round(ledger.get(key, 0) + value, 3)
+        sums = dict(attrs.get("map_error", {}))
+        for key, value in errors.items():
+            sums[key] = encoding.add_errors(sums.get(key), value)
+        self.update_info(ledger=ledger, **({"map_error": sums} if errors else {}))
 
     def _encoded(self, arrays: dict) -> tuple[dict, dict]:
         """``arrays`` with the exact maps in the plan's encoding, and the error sums by ``t/layer``."""
