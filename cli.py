@@ -257,6 +257,8 @@ def probe(
     geobench_dir: Annotated[Optional[Path], typer.Option(help="GEO-Bench root, for partitions (default: $GEO_BENCH_DIR).")] = None,
     jobs: Annotated[Optional[int], typer.Option(min=1, help="Probes fitted in parallel (default: settings' n_jobs).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="A probe setting: key=value, e.g. c_grid=[0.1,1] (repeatable).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Run the probes on Dask: local (threads), processes (n_jobs worker processes), tcp://HOST:PORT or a scheduler file (default: here, without Dask).")] = None,
+    scheduler_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for a --scheduler address to answer.")] = 10.0,
 ):
     """Probe every timestep x layer of a cache with scikit-learn; never loads the backbone."""
     import logging
@@ -279,7 +281,8 @@ def probe(
                 raise ProbeError(f"--partition: {cache} records no GEO-Bench task folder, so its partitions cannot be found")
             if root:
                 task_dir = Path(root) / info.geobench_task
-        metrics = run_probe(cache, out, settings, task_dir, partition, seeds)
+        metrics = run_probe(cache, out, settings, task_dir, partition, seeds, scheduler=scheduler,
+                            scheduler_timeout=scheduler_timeout)
     for name in ("best_layer", "best_timestep", "all"):
         if name in metrics:
             m = metrics[name]

@@ -1,6 +1,7 @@
 """Scaling out, side by side: one comparison per part.
 
-    python bench/scale_out.py [--part extract|all] [--config configs/demo_cls_exp.yaml] [--split train]
+    python bench/scale_out.py [--part extract|probe|all] [--config configs/demo_cls_exp.yaml] [--split train]
+                              [--train 2000 --eval 500 --seg-train 256 --seg-eval 64]
 
 extract: the demo split extracted by one process and by two torchrun ranks (`extract --nproc 2`),
 each into a fresh cache, each as the command a user runs (so the wall time holds the start-up of
@@ -8,6 +9,10 @@ every rank: Python, torch, the backbone). Prints the images/s of the extraction 
 time, the per-rank overhead (wall time less extraction time), and whether both stores hold every
 shard with the same ledger counts. On a machine with fewer cores than ranks × threads, two ranks
 split the same cores, so the gain is small or negative; the point is correctness and the overhead.
+
+probe: the probe map here and on a 2-worker ``LocalCluster`` (``--scheduler processes``) on
+synthetic caches, with the cluster's start-up and whether both maps are equal
+(bench/scale_out_probe.py, which runs this part alone).
 """
 
 from __future__ import annotations
@@ -66,14 +71,24 @@ def compare_extraction(args) -> None:
           f"complete={one['complete'] and two['complete']} cores={len(os.sched_getaffinity(0))}")
 
 
-PARTS = {"extract": compare_extraction}
+def compare_probes(args) -> None:
+    from scale_out_probe import probe_part
+
+    probe_part(args.train, args.eval, args.seg_train, args.seg_eval)
+
+
+PARTS = {"extract": compare_extraction, "probe": compare_probes}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
     parser.add_argument("--config", default="configs/demo_cls_exp.yaml")
-    parser.add_argument("--split", default="train")
+    parser.add_argument("--split", default="train", help="the split extracted (extract)")
+    parser.add_argument("--train", type=int, default=2000, help="training images (probe, classification)")
+    parser.add_argument("--eval", type=int, default=500, help="val and test images each (probe, classification)")
+    parser.add_argument("--seg-train", type=int, default=256, help="training images (probe, segmentation)")
+    parser.add_argument("--seg-eval", type=int, default=64, help="val and test images each (probe, segmentation)")
     args = parser.parse_args()
     for name, compare in PARTS.items():
         if args.part in (name, "all"):

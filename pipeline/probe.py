@@ -135,11 +135,7 @@ class Split:
     def part(self, t: str, layer: str) -> np.ndarray:
         """(rows, C) for pooled probes, (rows x pixels, C) for segmentation."""
         if self.base is not None:
-            whole = self.base.part(t, layer)
-            if not self.grid:
-                return whole[self.rows]
-            p = self.pixels_per_image
-            return whole.reshape(-1, p, whole.shape[1])[self.rows].reshape(-1, whole.shape[1])
+            return take_images(self.base.part(t, layer), self.rows, self.pixels_per_image if self.grid else 0)
         if (t, layer) not in self._parts:
             self._parts[(t, layer)] = self._read(t, layer)
         return self._parts[(t, layer)]
@@ -147,15 +143,12 @@ class Split:
     def _read(self, t: str, layer: str) -> np.ndarray:
         if not self.grid:
             return self.cache.pooled(self.rows, [t], [layer])[t][layer].numpy().astype(np.float32)
-        pos = torch.from_numpy(self._pixels)
         out = []
         step = self.cache.plan.shard_size
         for start in range(0, len(self.rows), step):  # a shard at a time: the maps are never all in memory
-            maps = self.cache.features(self.rows[start : start + step], [t], [layer])[t][layer].float()
-            maps = F.interpolate(maps, size=(self.grid, self.grid), mode="bilinear", align_corners=False).flatten(2)
-            rows = pos[start : start + step]
-            out.append(torch.gather(maps, 2, rows[:, None, :].expand(-1, maps.shape[1], -1)).permute(0, 2, 1))
-        return torch.cat(out).reshape(-1, out[0].shape[-1]).numpy()
+            maps = self.cache.features(self.rows[start : start + step], [t], [layer])[t][layer]
+            out.append(sample_pixels(maps, self._pixels[start : start + step], self.grid))
+        return np.concatenate(out)
 
     def matrix(self, cell: Cell, timesteps, layers) -> np.ndarray:
         parts = [self.part(t, l) for t, l in cell.parts(timesteps, layers)]
@@ -164,23 +157,40 @@ class Split:
     def labels(self, num_classes: int) -> np.ndarray:
         """Per image; for segmentation per grid pixel (majority over each cell's pixels) at the split's positions."""
         if self.base is not None:
-            whole = self.base.labels(num_classes)
-            if not self.grid:
-                return whole[self.rows]
-            return whole.reshape(-1, self.pixels_per_image)[self.rows].reshape(-1)
+            return take_images(self.base.labels(num_classes), self.rows, self.pixels_per_image if self.grid else 0)
         if self._labels is None:
             if not self.grid:
                 self._labels = self.cache.labels(self.rows).numpy()
                 return self._labels
             parts, step = [], self.cache.plan.shard_size  # one-hot masks a shard at a time, not the split
             for start in range(0, len(self.rows), step):
-                masks = self.cache.labels(self.rows[start : start + step]).numpy().astype(np.int64)
-                onehot = F.one_hot(torch.from_numpy(masks), num_classes).permute(0, 3, 1, 2).float()
-                grid = F.adaptive_avg_pool2d(onehot, self.grid).argmax(dim=1).flatten(1)
-                pixels = torch.from_numpy(self._pixels[start : start + step])
-                parts.append(torch.gather(grid, 1, pixels).reshape(-1).numpy())
+                masks = self.cache.labels(self.rows[start : start + step]).numpy()
+                parts.append(grid_labels(masks, self._pixels[start : start + step], num_classes, self.grid))
             self._labels = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
         return self._labels
+
+
+def take_images(whole: np.ndarray, rows: np.ndarray, per_image: int) -> np.ndarray:
+    """The rows of images ``rows`` of a split's inputs: one row per image, or ``per_image`` pixels each."""
+    if not per_image:
+        return whole[rows]
+    return whole.reshape(-1, per_image, *whole.shape[1:])[rows].reshape(-1, *whole.shape[1:])
+
+
+def sample_pixels(maps: torch.Tensor, pixels: np.ndarray, grid: int) -> np.ndarray:
+    """(images x pixels, C) float32: ``maps`` (images, C, H, W) resized to the grid, at each image's
+    ``pixels`` (flat grid positions, one row per image)."""
+    maps = F.interpolate(maps.float(), size=(grid, grid), mode="bilinear", align_corners=False).flatten(2)
+    pos = torch.from_numpy(pixels)
+    picked = torch.gather(maps, 2, pos[:, None, :].expand(-1, maps.shape[1], -1)).permute(0, 2, 1)
+    return picked.reshape(-1, maps.shape[1]).numpy()
+
+
+def grid_labels(masks: np.ndarray, pixels: np.ndarray, num_classes: int, grid: int) -> np.ndarray:
+    """(images x pixels,) the majority class of each grid cell of ``masks`` (images, H, W), at ``pixels``."""
+    onehot = F.one_hot(torch.from_numpy(masks.astype(np.int64)), num_classes).permute(0, 3, 1, 2).float()
+    cells = F.adaptive_avg_pool2d(onehot, grid).argmax(dim=1).flatten(1)
+    return torch.gather(cells, 1, torch.from_numpy(pixels)).reshape(-1).numpy()
 
 
 def seg_grid(cache: FeatureCache, settings: ProbeSettings) -> int:
@@ -267,9 +277,11 @@ def _miou(num_classes: int):
 
 
 class Probe:
-    """Probes over one task's train/val/test caches; their inputs are read once and shared by every run."""
+    """Probes over one task's train/val/test caches; their inputs are read once and shared by every run.
+    With a ``distributed.Client`` they are read and fitted on its cluster (``dask_probe``)."""
 
-    def __init__(self, caches: dict, task: str, num_classes: int, settings: ProbeSettings = ProbeSettings()):
+    def __init__(self, caches: dict, task: str, num_classes: int, settings: ProbeSettings = ProbeSettings(),
+                 client=None):
         self.task, self.num_classes, self.settings = task, num_classes, settings
         # Segmentation probes read maps, the others pooled vectors: a cache without them is refused
         # here, in one line, before anything is read.
@@ -280,6 +292,11 @@ class Probe:
         self._check_memory(caches)
         self.splits = {name: Split(cache, settings, self.grid, sample_pixels=name == "train")
                        for name, cache in caches.items()}
+        self.cluster = None
+        if client is not None:
+            from .dask_probe import ClusterInputs
+
+            self.cluster = ClusterInputs(self, client)
 
     def _check_memory(self, caches: dict) -> None:
         dims = sum(shape[0] for shape in caches["train"].layer_shapes.values()) * len(self.timesteps)
@@ -311,6 +328,14 @@ class Probe:
             return f" (even one pixel per image needs {images * gb_per_row:.1f} GB)"
         return f" (a sample of {pixels} pixels per image fits: --set seg_pixels={pixels} --set seg_eval_pixels={pixels})"
 
+    def train_labels(self, indices=None) -> np.ndarray:
+        """The labels the probes train on (per image, or per sampled grid pixel), of ``indices`` of train."""
+        if self.cluster is None:
+            train = self.splits["train"]
+            return (train if indices is None else train.subset(indices)).labels(self.num_classes)
+        labels = self.cluster.fetch_labels("train")
+        return labels if indices is None else take_images(labels, np.asarray(indices), self.cluster.per_image("train"))
+
     def cells(self) -> list[Cell]:
         return map_cells(self.timesteps, self.layers)
 
@@ -320,6 +345,10 @@ class Probe:
         from joblib import Parallel, delayed
 
         cells = cells or self.cells()
+        if self.cluster is not None:
+            from .dask_probe import run_on_cluster
+
+            return run_on_cluster(self, self.cluster, cells, train_indices)
         splits = dict(self.splits)
         if train_indices is not None:
             splits["train"] = self.splits["train"].subset(train_indices)

@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from .cache.reader import FeatureCache, open_cache
 from .cache.store import CacheError
+from .cluster import CONNECT_TIMEOUT, SchedulerError, connect, scheduler_problem
 from .metrics import SELECTION
 from .outputs import output_folder
 from .partitions import PartitionError, fraction, list_partitions, partition_indices
@@ -90,12 +92,26 @@ def random_draw(official: np.ndarray, labels: np.ndarray, seed: int, stratify: b
 
 def run_probe(cache_dir: str | Path, out_dir: str | Path, settings: ProbeSettings = ProbeSettings(),
               task_dir: str | Path | None = None, partitions: list[str] | None = None, seeds: int = 0,
-              storage_options: dict | None = None) -> dict:
+              storage_options: dict | None = None, scheduler: str | None = None,
+              scheduler_timeout: float = CONNECT_TIMEOUT) -> dict:
     """Probe map of the full train split, then (with ``partitions``) label efficiency; returns metrics.
 
     ``partitions`` names ``<f>x_train`` partitions of the GEO-Bench task in ``task_dir``; ``["all"]``
     takes every one the task has. ``seeds`` adds that many random draws of each partition's size.
+    ``scheduler`` (``cluster.connect``) runs the probes on a Dask cluster; None runs them here.
     """
+    problem = scheduler and scheduler_problem(scheduler)
+    if problem:  # before any work
+        raise SchedulerError(problem)
+    with ExitStack() as stack:
+        # The cluster is started (or reached) once the caches and partitions have been checked.
+        def client():
+            return stack.enter_context(connect(scheduler, settings.n_jobs, scheduler_timeout)) if scheduler else None
+
+        return _run(cache_dir, out_dir, settings, task_dir, partitions, seeds, storage_options, client)
+
+
+def _run(cache_dir, out_dir, settings, task_dir, partitions, seeds, storage_options, client) -> dict:
     output_folder(out_dir)  # before any work
     caches = open_task_caches(cache_dir, storage_options)
     info = TaskInfo.of(caches)
@@ -113,8 +129,9 @@ def run_probe(cache_dir: str | Path, out_dir: str | Path, settings: ProbeSetting
         fraction(p)
         resolved[p] = partition_indices(Path(task_dir), p, caches["train"])
     out_dir = Path(out_dir)
+    cluster = client()
     start = time.perf_counter()
-    probe = Probe(caches, info.kind, info.num_classes, settings)
+    probe = Probe(caches, info.kind, info.num_classes, settings, cluster)
     classes = _train_classes(probe)
     if classes is not None and len(classes) < 2:
         raise ProbeError(f"--cache {cache_dir}: every training {'pixel' if info.kind == 'segmentation' else 'image'} "
@@ -182,8 +199,7 @@ def _train_classes(probe: Probe, indices: np.ndarray | None = None) -> np.ndarra
     the masks); None for multi-label tasks, whose probes are one per class."""
     if probe.task == "multi_label_classification":
         return None
-    train = probe.splits["train"] if indices is None else probe.splits["train"].subset(indices)
-    return np.unique(train.labels(probe.num_classes))
+    return np.unique(probe.train_labels(indices))
 
 
 def _probe_subset(probe: Probe, indices: np.ndarray, cells: list[Cell]) -> list[dict]:

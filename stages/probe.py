@@ -3,6 +3,7 @@
 import argparse
 import logging
 
+from pipeline.cluster import CONNECT_TIMEOUT
 from pipeline.probe import ProbeSettings
 from pipeline.probing import TaskInfo, open_task_caches, run_probe
 from stages import params, run
@@ -22,8 +23,8 @@ def main(argv=None) -> None:
         partitions = [partitions]
     info = TaskInfo.of(open_task_caches(args.cache))
     task_dir = f"{args.geobench_dir}/{info.geobench_task}" if info.geobench_task else None
-    metrics = run_probe(args.cache, args.out, settings, task_dir,
-                        partitions, int(p.get("seeds", 0)))
+    metrics = run_probe(args.cache, args.out, settings, task_dir, partitions, int(p.get("seeds", 0)),
+                        scheduler=p.get("scheduler"), scheduler_timeout=p.get("scheduler_timeout", CONNECT_TIMEOUT))
     best = metrics["best_layer"]
     print(f"{args.out}: best layer {best['timestep']} {best['layer']}, test {metrics['metric']} {best['test']:.4f}")
 
