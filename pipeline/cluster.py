@@ -43,6 +43,10 @@ def connect(spec: str, workers: int = 2, timeout: float = CONNECT_TIMEOUT):
         raise SchedulerError(problem)
     if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0):
         raise SchedulerError(f"--scheduler-timeout {timeout!r} must be a positive number of seconds")
+    # distributed's nanny sets OMP_NUM_THREADS=1 and the like in this process's environment for the
+    # workers it spawns and leaves them there: every later subprocess would run its kernels on one
+    # thread (and round float32 differently). The environment is put back once the cluster is closed.
+    environ = dict(os.environ)
     cluster = _start(spec, workers) if spec in (LOCAL, PROCESSES) else None
     try:
         client = _reach(spec, cluster, timeout)
@@ -53,6 +57,8 @@ def connect(spec: str, workers: int = 2, timeout: float = CONNECT_TIMEOUT):
     finally:
         if cluster is not None:
             cluster.close()
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def _start(spec: str, workers: int):

@@ -89,3 +89,15 @@ def test_a_local_scheduler_runs_tasks_in_threads_of_this_process():
         info = client.scheduler_info()["workers"]
         assert len(info) == 1 and next(iter(info.values()))["nthreads"] == 2
         assert client.submit(os.getpid).result() == os.getpid()
+
+
+def test_a_cluster_started_here_leaves_the_environment_as_it_was(monkeypatch):
+    import os
+
+    from pipeline.cluster import connect
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = dict(os.environ)
+    with connect("processes", workers=1) as client:
+        assert client.submit(lambda: os.environ.get("OMP_NUM_THREADS")).result() == "1"  # the workers' own
+    assert dict(os.environ) == before
