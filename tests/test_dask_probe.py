@@ -14,11 +14,10 @@ FAST = ProbeSettings(c_grid=(0.1, 1.0), n_jobs=2, max_iter=100, seg_pixels=8)
 
 @pytest.fixture(scope="module")
 def client():
-    """Two worker processes, as ``--scheduler processes`` starts them."""
-    from distributed import Client, LocalCluster
+    """Two worker processes, started as ``--scheduler processes`` starts them."""
+    from pipeline.cluster import connect
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as c:
+    with connect("processes", workers=2) as c:
         yield c
 
 
