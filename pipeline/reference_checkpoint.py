@@ -143,6 +143,9 @@ def import_reference(checkpoint: str | Path, cfg: Config, out: str | Path, cache
     from .train import feature_selection, model_config
 
     weights, settings = read_checkpoint(checkpoint)
+    if not settings:
+        log.warning("%s holds no readable config: its task, fuser, classes and timesteps are not checked against "
+                    "%s; only the weights' shapes are", checkpoint, cfg.config_file)
     differ = _differences(settings, cfg)
     if differ:
         raise ReferenceCheckpointError(f"{checkpoint} was not trained with {cfg.config_file} ({'; '.join(differ)}); "
