@@ -30,11 +30,10 @@ FUSER_KEYS = ("bottleneck_layers.", "mixing_weights", "gate_modules.", "scale_mo
 HEAD_KEYS = ("decoder_head.", "neck.", "psp_modules.", "bottleneck.", "lateral_convs.", "fpn_convs.",
              "fpn_bottleneck.", "conv_seg.")
 LW_GATE = re.compile(r"^gate_modules\.(\d+)\.gate_conv\.")
-# The reference's config keys that decide the model's shape, with our config's name for each.
-CHECKED = {"task": "task", "fuser": "fuser", "num_classes": "num_classes", "projection_dim": "projection_dim",
-           "save_timesteps": "save_timesteps"}
-CHECKED_MOE = {"num_experts": "num_experts", "top_k": "top_k"}
-CHECKED_SEG = {"channels": "channels", "pool_scales": "pool_scales"}
+# The reference's config keys that decide the model's shape (our config names them the same).
+CHECKED = ("task", "fuser", "num_classes", "projection_dim", "save_timesteps")
+CHECKED_MOE = ("num_experts", "top_k")
+CHECKED_SEG = ("channels", "pool_scales")
 
 
 class ReferenceCheckpointError(UserError):
@@ -119,20 +118,16 @@ def our_names(weights: dict) -> dict:
 
 
 def _differences(settings: dict, cfg: Config) -> list[str]:
-    checked = dict(CHECKED)
-    if cfg.fuser == "moe":
-        checked.update(CHECKED_MOE)
-    if cfg.task == "segmentation":
-        checked.update(CHECKED_SEG)
+    checked = CHECKED + (CHECKED_MOE if cfg.fuser == "moe" else ()) + (CHECKED_SEG if cfg.task == "segmentation" else ())
     differ = []
-    for theirs, ours in checked.items():
-        if theirs not in settings or settings[theirs] is None:
+    for key in checked:
+        if settings.get(key) is None:
             continue
-        have, want = settings[theirs], getattr(cfg, ours)
+        have, want = settings[key], getattr(cfg, key)
         if isinstance(want, (list, tuple)):
             have, want = list(have), list(want)
         if have != want:
-            differ.append(f"{theirs}: checkpoint {have!r}, config {want!r}")
+            differ.append(f"{key}: checkpoint {have!r}, config {want!r}")
     return differ
 
 
