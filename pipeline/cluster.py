@@ -70,37 +70,82 @@ def _start(spec: str, workers: int):
 
 
 def _reach(spec: str, cluster, timeout: float):
-    """The client, or one line naming the address and the timeout. ``Client(timeout=)`` alone does
-    not bound the wait: a port that accepts connections and never answers (a stopped scheduler's
-    port reused, a proxy) holds it forever, so the connection is made in a thread that is given up
-    on after ``timeout`` (it is a daemon: it does not keep the process alive)."""
+    """The client, or one line naming the address and the timeout.
+
+    ``Client(timeout=)`` alone does not bound the wait: a port that accepts connections and never
+    answers (a stopped scheduler's port reused, a proxy) holds it forever, and a client left hanging
+    in a thread keeps distributed's shared event loop busy, so a later ``LocalCluster`` in this
+    process hangs too. The scheduler is therefore asked for its identity first, on an event loop of
+    its own that is cancelled after ``timeout``; only a scheduler that answered gets a ``Client``.
+    No client is made the default: dask's global scheduler setting is left as it was, and every
+    computation here names its client."""
     from distributed import Client
 
     if cluster is not None:
-        return Client(cluster)
-    kwargs = {"scheduler_file": spec} if not spec.startswith(SCHEMES) else {"address": spec}
-    outcome: dict = {}
-
-    def attempt():
-        try:
-            outcome["client"] = Client(**kwargs, timeout=timeout)
-        except Exception as err:  # noqa: BLE001 - every way of failing to connect becomes one line below
-            outcome["error"] = err
-
-    thread = threading.Thread(target=attempt, name="dask-connect", daemon=True)
-    thread.start()
-    thread.join(timeout + 2)  # Client's own timeout, plus its start-up
-    if "client" in outcome:
-        return outcome["client"]
-    what = f"scheduler file {spec}" if "scheduler_file" in kwargs else spec
-    err = outcome.get("error")
-    if err is None or isinstance(err, (OSError, TimeoutError)):
+        return Client(cluster, set_as_default=False)
+    by_file = not spec.startswith(SCHEMES)
+    what = f"scheduler file {spec}" if by_file else spec
+    try:
+        address = _address_in(spec) if by_file else spec
+        _identify(address, timeout)
+        kwargs = {"scheduler_file": spec} if by_file else {"address": spec}
+        return Client(**kwargs, timeout=timeout, set_as_default=False)
+    except (OSError, TimeoutError):
         raise SchedulerError(
             f"--scheduler {what}: no Dask scheduler answered within {timeout:g} s; check that the scheduler is "
             "running (`dask scheduler`), that the host and port are right and reachable from here, or raise "
-            "--scheduler-timeout")
-    raise SchedulerError(f"--scheduler {what}: the connection failed ({type(err).__name__}: {first_line(err)}); "
-                         "check that a Dask scheduler of a compatible `distributed` version listens there")
+            "--scheduler-timeout") from None
+    except Exception as err:  # noqa: BLE001 - every other way of failing to connect becomes one line
+        raise SchedulerError(f"--scheduler {what}: the connection failed ({type(err).__name__}: {first_line(err)}); "
+                             "check that a Dask scheduler of a compatible `distributed` version listens there") from None
+
+
+def _address_in(path: str) -> str:
+    """The address a scheduler file (``dask scheduler --scheduler-file``) holds."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        info = json.load(f)
+    if not (isinstance(info, dict) and isinstance(info.get("address"), str)):
+        raise ValueError("it holds no scheduler address")
+    return info["address"]
+
+
+def _identify(address: str, timeout: float) -> None:
+    """Ask the scheduler at ``address`` for its identity, or raise ``TimeoutError`` after ``timeout``.
+
+    The loop runs in a thread of its own so that this works also where the caller already runs an
+    event loop (a notebook); the thread always ends, since the loop cancels the exchange on time."""
+    import asyncio
+
+    from distributed.comm import connect as open_comm
+
+    async def exchange():
+        comm = await open_comm(address, timeout=timeout)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            reply = await comm.read()
+        finally:
+            comm.abort()
+        if not (isinstance(reply, dict) and "Scheduler" in str(reply.get("type"))):
+            raise ValueError(f"{address} answered, but not as a Dask scheduler")
+
+    outcome: dict = {}
+
+    def run():
+        try:
+            asyncio.run(asyncio.wait_for(exchange(), timeout))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name="dask-identify", daemon=True)
+    thread.start()
+    thread.join()
+    err = outcome.get("error")
+    if isinstance(err, asyncio.TimeoutError):
+        raise TimeoutError(address)
+    if err is not None:
+        raise err
 
 
 __all__ = ["CONNECT_TIMEOUT", "LOCAL", "PROCESSES", "SchedulerError", "connect", "scheduler_problem"]

@@ -141,7 +141,8 @@ class ClusterInputs:
         """Block until every input is read; a read that failed is one line naming its cache and array."""
         from distributed import wait
 
-        wait(list(self._futures.values()))
+        with self.client.as_current():  # the client is no default one (pipeline/cluster.py)
+            wait(list(self._futures.values()))
         for future in self._futures.values():
             if future.status == "error":
                 path, name = self._names[future.key]

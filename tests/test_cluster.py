@@ -1,6 +1,9 @@
 import socket
+import threading
 import time
 
+import dask
+import distributed  # noqa: F401 - imported here, so that its import time is not part of the bounds below
 import pytest
 from typer.testing import CliRunner
 
@@ -46,6 +49,8 @@ def test_an_unreachable_scheduler_is_one_line_within_the_timeout(address, silent
         with connect(f"tcp://127.0.0.1:{port}", timeout=1.5):
             pytest.fail("connected to no scheduler")
     assert time.monotonic() - start < 1.5 + 3
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("dask-")]  # nothing left waiting
+    assert dask.config.get("scheduler", None) is None  # dask's default scheduler untouched
     assert str(caught.value) == (
         f"--scheduler tcp://127.0.0.1:{port}: no Dask scheduler answered within 1.5 s; check that the scheduler is "
         "running (`dask scheduler`), that the host and port are right and reachable from here, or raise "
@@ -89,6 +94,31 @@ def test_a_local_scheduler_runs_tasks_in_threads_of_this_process():
         info = client.scheduler_info()["workers"]
         assert len(info) == 1 and next(iter(info.values()))["nthreads"] == 2
         assert client.submit(os.getpid).result() == os.getpid()
+        assert dask.config.get("scheduler", None) is None  # the client is not made dask's default
+    assert dask.config.get("scheduler", None) is None
+
+
+def test_a_local_scheduler_starts_after_an_unanswered_address(silent_port):
+    with pytest.raises(SchedulerError):
+        with connect(f"tcp://127.0.0.1:{silent_port}", timeout=1):
+            pass
+    with connect("local", workers=1) as client:
+        assert client.submit(sum, [1, 2]).result() == 3
+
+
+def test_a_running_scheduler_is_reached_by_address_and_by_scheduler_file(tmp_path):
+    import json
+
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", dashboard_address=None) as cluster:
+        file = tmp_path / "scheduler.json"
+        file.write_text(json.dumps({"address": cluster.scheduler_address}))
+        for spec in (cluster.scheduler_address, str(file)):
+            with connect(spec, timeout=5) as client:
+                assert client.scheduler.address == cluster.scheduler_address
+                assert client.submit(sum, [1, 2]).result() == 3
+    assert dask.config.get("scheduler", None) is None
 
 
 def test_a_cluster_started_here_leaves_the_environment_as_it_was(monkeypatch):
