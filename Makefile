@@ -23,4 +23,5 @@ demo: setup
 	dvc repro
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q

@@ -74,14 +74,13 @@ def epoch_read(cache, batch: int, nbytes: int, warm_up: bool = False, buffer_sha
 
 def synthetic_real_size(n: int) -> str:
     import numpy as np
+    import torch
 
+    from pipeline.backbone.demo import SD21_UNET_CONFIG
     from pipeline.backbone.extractor import DEFAULT_LAYER_IDXS, layer_shapes
     from pipeline.backbone.layers import select_layers
-    from pipeline.backbone.demo import SD21_UNET_CONFIG
     from pipeline.backbone.sat_unet import SatUNet
     from pipeline.synthetic import write_synthetic_cache
-
-    import torch
 
     with torch.device("meta"):
         unet = SatUNet(**{**SD21_UNET_CONFIG, "use_metadata": False})

@@ -5,11 +5,12 @@
 Extracts a few demo images with a random DiffusionSat (the tiny one, or with ``--full-size``
 SD-2.1's real UNet and VAE widths, written to a temporary folder), encodes the float16 maps as
 each ``map_encoding`` would (bit rounding of the mantissa; uint8 with a per-image, per-channel
-affine) and writes every array (and the segmentation task's label maps) with the cache's own chunking (one chunk per image for maps,
-sharded; one chunk per shard otherwise). Factor = raw bytes / stored chunk bytes (metadata and
-shard indexes left out: ``cache plan`` counts those itself). Also prints each lossy encoding's
-relative L2 error and largest absolute error against the float16 maps. ``cache plan`` keeps the
-factors it prints as constants (pipeline/cache/planning.py).
+affine) and writes every array (and the segmentation task's label maps) with the cache's own
+chunking (one chunk per image for maps, sharded; one chunk per shard otherwise). Factor = raw
+bytes / stored chunk bytes (metadata and shard indexes left out: ``cache plan`` counts those
+itself). Also prints each lossy encoding's relative L2 error and largest absolute error against
+the float16 maps. ``cache plan`` keeps the factors it prints as constants
+(pipeline/cache/planning.py).
 """
 
 from __future__ import annotations

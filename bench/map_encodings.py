@@ -71,7 +71,8 @@ def measure(maps: dict, shapes: dict, encoding: str, folder: Path) -> dict:
     plan = CachePlan(num_samples=n, shard_size=n, timesteps=timesteps, layer_shapes=shapes, latent_shape=(4, 1, 1),
                      label_shape=(), label_dtype="int64", tiers=("maps",), map_encoding=encoding)
     path = str(folder / f"{encoding}.zarr")
-    writer = CacheWriter.create(path, {"backbone": {"id": "bench"}, "extraction": {"map_encoding": encoding}, "dataset": {}}, plan)
+    writer = CacheWriter.create(path, {"backbone": {"id": "bench"}, "extraction": {"map_encoding": encoding}, "dataset": {}},
+                                plan)
     arrays = {feature_path(t, layer): x for (t, layer), x in maps.items()}
     start = time.perf_counter()
     writer.write_shard(0, {**arrays, "labels": np.zeros(n, dtype=np.int64),

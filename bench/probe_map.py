@@ -23,8 +23,8 @@ from pipeline.backbone.extractor import DEFAULT_LAYER_IDXS, layer_shapes
 from pipeline.backbone.layers import select_layers
 from pipeline.backbone.sat_unet import SatUNet
 from pipeline.cache.reader import open_cache
-from pipeline.synthetic import write_synthetic_cache
 from pipeline.probe import ALL, ProbeSettings, probe_map
+from pipeline.synthetic import write_synthetic_cache
 
 TIMESTEPS = ("t47", "t45", "t40")
 

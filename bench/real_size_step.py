@@ -74,7 +74,7 @@ def main() -> None:
 
     def vae_encode():
         with torch.no_grad():
-            vae.encode(images).latent_dist.mean
+            return vae.encode(images).latent_dist.mean
 
     unet_s = per_image(unet_pass, args.batch, args.repeats)
     stopped_s = per_image(stopped_pass, args.batch, args.repeats)

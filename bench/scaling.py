@@ -63,8 +63,10 @@ def main() -> None:
                              capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(r)
-        print(f"{r['images']:>5} images: extraction {r['extract_s']:6.1f} s ({1000 * r['extract_s'] / r['images']:5.1f} ms/image), "
-              f"epoch {r['epoch_s']:5.1f} s ({1000 * r['epoch_s'] / r['images']:5.1f} ms/image), peak RSS {r['peak_rss_mib']:.0f} MiB",
+        print(f"{r['images']:>5} images: extraction {r['extract_s']:6.1f} s "
+              f"({1000 * r['extract_s'] / r['images']:5.1f} ms/image), "
+              f"epoch {r['epoch_s']:5.1f} s ({1000 * r['epoch_s'] / r['images']:5.1f} ms/image), "
+              f"peak RSS {r['peak_rss_mib']:.0f} MiB",
               flush=True)
     first, last = rows[0], rows[-1]
     grow = last["images"] / first["images"]

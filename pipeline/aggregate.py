@@ -34,7 +34,7 @@ class Bootstrap:
     seed: int = 0
 
     @classmethod
-    def from_dict(cls, values: dict, where: str) -> "Bootstrap":
+    def from_dict(cls, values: dict, where: str) -> Bootstrap:
         unknown = set(values) - {"resamples", "confidence", "seed"}
         if unknown:
             raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; allowed: resamples, confidence, seed")

@@ -4,9 +4,10 @@ An experiment file (``configs/*_exp.yaml``) lists ``base:`` files relative to it
 (``_base_/diffusionsat.yaml``, ``tasks/meurosat.yaml``, ...); they are merged in order and the
 experiment's own keys win, then ``--set`` overrides. A later value replaces an earlier one whole,
 dicts included: ``layer_idxs: {up_blocks: {attn1: all}}`` selects the attn1 layers only, however
-many the base file named (merging it into the base's would quietly keep them all). Every key the reference reads is accepted with its
-default, so a reference experiment file runs unchanged; our own keys are marked below. Unknown
-keys and bad values are refused with the file, the key, the value and what is allowed.
+many the base file named (merging it into the base's would quietly keep them all). Every key the
+reference reads is accepted with its default, so a reference experiment file runs unchanged; our
+own keys are marked below. Unknown keys and bad values are refused with the file, the key, the
+value and what is allowed.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from .cache.lock import WriterLock
 from .cache.store import flatten, normalise
 from .cache.writer import CacheWriter
 from .errors import UserError
-from .extract import ExtractResult, Extraction, _run, add_unrecorded, record_size, usable_cores
+from .extract import Extraction, ExtractResult, _run, add_unrecorded, record_size, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Ranks:
     local_world: int
 
     @classmethod
-    def from_env(cls, env=os.environ) -> "Ranks | None":
+    def from_env(cls, env=os.environ) -> Ranks | None:
         """The ranks a launcher describes in the environment; None for a single process."""
         values = {}
         for name in RANK_VARIABLES:

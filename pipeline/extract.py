@@ -20,11 +20,18 @@ from .backbone.loader import BackboneSpec, fingerprint, load_diffusionsat, read_
 from .backbone.schedule import Schedule, label_key
 from .cache import encoding
 from .cache.layout import (
-    ATTRS_KEY, EXACT_ENCODING, CachePlan, array_specs, feature_path, ordered_tiers, pooled_path, trajectory_path,
+    ATTRS_KEY,
+    EXACT_ENCODING,
+    CachePlan,
+    array_specs,
+    feature_path,
+    ordered_tiers,
+    pooled_path,
+    trajectory_path,
 )
-from .cache.reader import lacking_tiers
 from .cache.lock import WriterLock
 from .cache.planning import check_room
+from .cache.reader import lacking_tiers
 from .cache.store import CacheError, CacheMismatch, check_location, is_url
 from .cache.writer import CacheWriter, lacking_objects
 from .config import Config, ConfigError

@@ -16,7 +16,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-
 from .backbone.extractor import FeatureExtractor
 from .cache.layout import ATTRS_KEY, array_specs, feature_path, ordered_tiers, pooled_path, tiers_problem
 from .cache.lock import WriterLock

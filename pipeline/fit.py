@@ -8,7 +8,8 @@ the reference does. All three serve the same batches in the same order.
 Outputs in ``out_dir``: ``metrics.json`` (numbers only: val and test of the best model, its
 ``test_score``, epochs, seconds, passes), ``run.json`` (what the run was: task, fuser, partition,
 seed, source, the config, per-class values and confusion matrices, the cost ledger, and the
-digest of its inputs that ``pipeline.grid`` compares), ``model/`` (config.json + model.safetensors), ``training_state.pt`` (``pipeline.resume``), ``history.csv`` and the plots of
+digest of its inputs that ``pipeline.grid`` compares), ``model/`` (config.json +
+model.safetensors), ``training_state.pt`` (``pipeline.resume``), ``history.csv`` and the plots of
 ``pipeline.plots`` (PNG and CSV for DVC). They are written into a partial folder beside it and
 swapped in at the end (``pipeline.outputs``), so a stopped fit leaves the previous output as it was.
 """

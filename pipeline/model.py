@@ -51,7 +51,7 @@ class ModelConfig:
     lw_input: str = "paper"  # models saved before the option existed are "paper"
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         d = dict(d)
         d["layer_shapes"] = {k: tuple(v) for k, v in d["layer_shapes"].items()}
         return cls(**d)
@@ -88,7 +88,7 @@ class FusionModel(nn.Module, PyTorchModelHubMixin, library_name="satdifuser-cach
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device = "cpu", *,
                         revision: str | None = None, cache_dir: str | Path | None = None,
-                        token: str | bool | None = None) -> "FusionModel":
+                        token: str | bool | None = None) -> FusionModel:
         """A model from a saved folder, or from a Hub repo id (``user/name``) when no such folder exists."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file

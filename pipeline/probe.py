@@ -18,7 +18,6 @@ segmentation probes its maps.
 from __future__ import annotations
 
 import copy
-
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -50,7 +49,7 @@ class ProbeSettings:
     seed: int = 0
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "probe settings") -> "ProbeSettings":
+    def from_dict(cls, values: dict, source: str = "probe settings") -> ProbeSettings:
         """Settings from params or ``--set`` values, checked up front."""
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(values) - set(known))
@@ -119,7 +118,7 @@ class Split:
             else:
                 self._pixels = np.tile(np.arange(g2), (len(cache), 1))
 
-    def subset(self, rows) -> "Split":
+    def subset(self, rows) -> Split:
         view = object.__new__(Split)
         view.__dict__.update(cache=self.cache, settings=self.settings, grid=self.grid, base=self,
                              rows=np.asarray(rows, dtype=np.int64), _parts={}, _labels=None, _pixels=None)

@@ -61,7 +61,7 @@ class TaskInfo:
     geobench_task: str | None = None
 
     @classmethod
-    def of(cls, caches: dict) -> "TaskInfo":
+    def of(cls, caches: dict) -> TaskInfo:
         data = caches["train"].request.get("dataset", {})
         shape = caches["train"].plan.label_shape
         kind = data.get("task") or {0: "classification", 1: "multi_label_classification", 2: "segmentation"}[len(shape)]

@@ -90,7 +90,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
         return dict(saved["decoder_net"]), settings if isinstance(settings, dict) else {}
     if isinstance(saved, dict) and saved and all(isinstance(v, torch.Tensor) for v in saved.values()):
         return dict(saved), {}
-    raise ReferenceCheckpointError(f"{path}: holds no 'decoder_net' (keys {sorted(saved)[:6] if isinstance(saved, dict) else type(saved).__name__}); "
+    keys = sorted(saved)[:6] if isinstance(saved, dict) else type(saved).__name__
+    raise ReferenceCheckpointError(f"{path}: holds no 'decoder_net' (keys {keys}); "
                                    "give the checkpoint the reference's run.py saved, or its decoder's state dict")
 
 

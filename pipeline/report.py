@@ -75,7 +75,7 @@ class Grid:
     seeds: tuple[int, ...]
 
     @classmethod
-    def from_params(cls, params: dict, where: str = "params.yaml") -> "Grid":
+    def from_params(cls, params: dict, where: str = "params.yaml") -> Grid:
         """The grid of a params.yaml: ``tasks`` and the ``fit`` section's ``fusers``, ``partitions``
         (default ``[default]``) and ``seeds`` (default ``[42]``)."""
         fit = params.get("fit") or {}
@@ -217,7 +217,8 @@ def cache_ledgers(cache_root: Path, tasks) -> list[dict]:
 
                 ledger = {**ledger, "bytes_stored": cache_info(cache)["bytes_on_disk"]}
             rows.append({**row, "images": len(cache), "unet_passes": int(ledger.get("unet_passes", 0)),
-                         "vae_passes": int(ledger.get("vae_passes", 0)), "bytes_stored": int(ledger.get("bytes_stored", 0)) or None,
+                         "vae_passes": int(ledger.get("vae_passes", 0)),
+                         "bytes_stored": int(ledger.get("bytes_stored", 0)) or None,
                          "extract_seconds": ledger.get("extract_seconds")})
     return rows
 
@@ -320,7 +321,7 @@ class Leaderboard:
     license: str = "N/A"
 
     @classmethod
-    def from_dict(cls, values: dict, where: str) -> "Leaderboard":
+    def from_dict(cls, values: dict, where: str) -> Leaderboard:
         allowed = list(cls.__dataclass_fields__)
         unknown = set(values) - set(allowed)
         if unknown:

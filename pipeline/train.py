@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -149,9 +149,8 @@ def train(cfg: Config, model: FusionModel, splits: Splits, out_dir: Path, device
     state to continue from."""
     from tqdm.auto import tqdm
 
-    from .resume import restore, save_state
-
     from .fusion.fusers import checkpoint_projections
+    from .resume import restore, save_state
 
     checkpoint_projections(model, cfg.checkpoint_projections)
     task = cfg.task

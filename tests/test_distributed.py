@@ -16,6 +16,7 @@ from pipeline.config import load_config
 from pipeline.distributed import Ranks, rank_device, setting_differences, shared_devices, strip_nproc
 from pipeline.errors import UserError
 from pipeline.extract import Extraction
+
 from zarr_arrays import all_arrays
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -11,6 +11,7 @@ from pipeline.cache.store import CacheError
 from pipeline.cache.writer import CacheWriter
 from pipeline.data.geobench_task import GeoBenchSplit, TaskSource
 from pipeline.extract import backbone_spec, extract_split, extraction_settings
+
 from zarr_arrays import all_arrays
 
 
@@ -232,7 +233,8 @@ def test_repair_re_extracts_the_shards_verify_finds_damaged(make_config):
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    with pytest.raises(CacheError, match=r"array pooled/t47/up_blocks_1_attn1_0, rows 4-7: cannot be read \(ValueError: Stored and computed checksum"):
+    with pytest.raises(CacheError, match=r"array pooled/t47/up_blocks_1_attn1_0, rows 4-7: cannot be read "
+                                         r"\(ValueError: Stored and computed checksum"):
         open_cache(path).pooled([5])
     # Every file is there, so a plain run trusts the cache; only a verify reads every checksum.
     assert extract_split(cfg, "train", progress=False).extracted == 0

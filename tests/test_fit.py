@@ -10,7 +10,13 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline.fit import (
-    cached_splits, evaluate_saved, fit, live_splits, open_split_caches, training_rows, trajectory_splits,
+    cached_splits,
+    evaluate_saved,
+    fit,
+    live_splits,
+    open_split_caches,
+    training_rows,
+    trajectory_splits,
 )
 from pipeline.model import FusionModel
 from pipeline.train import feature_selection
@@ -52,7 +58,8 @@ def test_live_ledger_counts_every_image_through_the_backbone(cached_demo, tmp_pa
 
     seen = []
     original = FeatureExtractor.__call__
-    monkeypatch.setattr(FeatureExtractor, "__call__", lambda self, images, names: seen.append(len(names)) or original(self, images, names))
+    monkeypatch.setattr(FeatureExtractor, "__call__",
+                        lambda self, images, names: seen.append(len(names)) or original(self, images, names))
     cfg = cached_demo(fuser="lw", max_train_epochs=1, layer_idxs={"up_blocks": {"attn1": "all", "conv2": []}})
     ledger = fit(cfg, tmp_path, source="live", progress=False)["ledger"]
     # 20 training images, val twice (in training and for the best model), test, and val for LW's gate summary.
@@ -143,7 +150,9 @@ def cli_fit(cfg, out):
     repo = Path(__file__).resolve().parents[1]
     import yaml
 
-    flow = lambda v: yaml.safe_dump(v, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
+    def flow(v):
+        return yaml.safe_dump(v, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
+
     values = [f"{k}={flow(v)}" for k, v in dataclasses.asdict(cfg).items() if k != "config_file"]
     args = [sys.executable, "-m", "cli", "fit", cfg.config_file, "--out", str(out), "--no-progress"]
     return subprocess.Popen(args + [a for v in values for a in ("--set", v)], cwd=repo, text=True,
@@ -293,7 +302,8 @@ def test_the_dvc_stage_refuses_an_out_that_is_a_file_in_one_line(tmp_path, monke
         run(lambda: stage.main(["--config", config, "--fuser", "gw", "--out", "taken", "--scores", "s.json"]))
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1
-    assert err.startswith(f"error: --out {tmp_path / 'taken/default/seed42'} would be inside {tmp_path / 'taken'}, which is a file")
+    assert err.startswith(f"error: --out {tmp_path / 'taken/default/seed42'} would be inside {tmp_path / 'taken'}, "
+                          "which is a file")
 
 
 def test_an_attn1_ablation_of_a_full_cache_trains_and_reports_the_nine_attn1_layers(cached_demo, tmp_path):
@@ -416,8 +426,8 @@ def test_a_fit_from_the_trajectory_refuses_other_extraction_settings(cached_demo
 
 def extract_tiers(cached_demo, tmp_path, store, **overrides):
     """Train, val and test caches holding ``store``."""
-    from pipeline.extract import Extraction
     from pipeline.cache.reader import open_cache
+    from pipeline.extract import Extraction
 
     cfg = cached_demo(cache_dir=str(tmp_path / "cache"), store=store, max_train_epochs=1, layer_idxs=NO_1X1,
                       **overrides)

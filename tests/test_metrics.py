@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from pipeline.metrics import Accumulator, classification_metrics, multilabel_metrics, segmentation_metrics, confusion
+from pipeline.metrics import Accumulator, classification_metrics, confusion, multilabel_metrics, segmentation_metrics
 
 
 def test_classification_metrics_equal_scikit_learn():

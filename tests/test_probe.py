@@ -1,11 +1,21 @@
 import numpy as np
-import torch
 import pytest
+import torch
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score, jaccard_score
 
 from pipeline.cache.reader import open_cache
 from pipeline.probe import (
-    ALL, Cell, Probe, ProbeError, ProbeSettings, _accuracy, _logistic, _micro_f1, _miou, best_cells, map_cells,
+    ALL,
+    Cell,
+    Probe,
+    ProbeError,
+    ProbeSettings,
+    _accuracy,
+    _logistic,
+    _micro_f1,
+    _miou,
+    best_cells,
+    map_cells,
 )
 from pipeline.synthetic import write_synthetic_cache
 
@@ -191,7 +201,8 @@ def test_the_first_c_is_kept_when_it_is_best_on_validation(tmp_path):
     rng = np.random.default_rng(3)
     labels = {s: np.where(rng.random(n) < 0.8, 0, rng.integers(1, 4, n)) for s, n in (("train", 64), ("val", 40), ("test", 40))}
     caches = make_caches(tmp_path, labels, strength=0.0)
-    row = Probe(caches, "classification", 4, ProbeSettings(c_grid=(1e-4, 100.0), n_jobs=1)).run([Cell("t47", "up_blocks_1_attn1_0")])[0]
+    probe = Probe(caches, "classification", 4, ProbeSettings(c_grid=(1e-4, 100.0), n_jobs=1))
+    row = probe.run([Cell("t47", "up_blocks_1_attn1_0")])[0]
     assert row["C"] == 1e-4 and row["val"] == pytest.approx(np.mean(labels["val"] == 0))
 
 

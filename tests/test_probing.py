@@ -7,7 +7,14 @@ import pytest
 
 from pipeline.probe import ProbeError, ProbeSettings
 from pipeline.probing import (
-    PartitionError, TaskInfo, fraction, list_partitions, open_task_caches, partition_indices, random_draw, run_probe,
+    PartitionError,
+    TaskInfo,
+    fraction,
+    list_partitions,
+    open_task_caches,
+    partition_indices,
+    random_draw,
+    run_probe,
 )
 
 FAST = ProbeSettings(c_grid=(0.1, 1.0), n_jobs=2, max_iter=100, seg_pixels=8)

@@ -124,7 +124,8 @@ def test_files_that_are_no_reference_checkpoint_get_one_line(tmp_path):
         read_checkpoint(tmp_path / "junk.pth")
     assert str(err.value).startswith(f"{tmp_path / 'junk.pth'}: not a readable checkpoint (") and "\n" not in str(err.value)
     torch.save({"epoch": 1, "model": {"w": torch.ones(1)}, "note": "x"}, tmp_path / "other.pth")
-    with pytest.raises(ReferenceCheckpointError, match=r"other.pth: holds no 'decoder_net' \(keys \['epoch', 'model', 'note'\]\)"):
+    with pytest.raises(ReferenceCheckpointError,
+                       match=r"other.pth: holds no 'decoder_net' \(keys \['epoch', 'model', 'note'\]\)"):
         read_checkpoint(tmp_path / "other.pth")
     # A pickled object of any other class is not run.
     torch.save({"decoder_net": {}, "config": argparse.Namespace(fuser="gw")}, tmp_path / "code.pth")

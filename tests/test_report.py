@@ -175,7 +175,8 @@ def test_iqm_and_intervals_per_cell_and_the_grid_rule_of_normalisation(tmp_path)
     low, high = min(everything), max(everything)  # no normalizer.json: the min and max of the task's fits
     assert float(cell["normalised_iqm"]) == pytest.approx((trim_mean(seeds, 0.25) - low) / (high - low), abs=1e-5)
     assert json.loads((tmp_path / "reports" / "normalizer.json").read_text()) == {"m-toy": [low, high]}
-    assert "| toy | m-toy | 0.5100 | 0.8300 | min-max of this report's fits |" in (tmp_path / "reports" / "summary.md").read_text()
+    summary = (tmp_path / "reports" / "summary.md").read_text()
+    assert "| toy | m-toy | 0.5100 | 0.8300 | min-max of this report's fits |" in summary
     metrics = json.loads((tmp_path / "reports" / "aggregate.json").read_text())
     assert metrics["toy/lw/default"]["iqm"] == pytest.approx(trim_mean(seeds, 0.25), abs=1e-6)
     assert all(isinstance(v, (int, float)) for cell in metrics.values() for v in cell.values())

@@ -11,8 +11,16 @@ from pipeline.cache.store import CacheError
 from pipeline.fit import cached_splits, live_splits, open_split_caches, trajectory_splits
 from pipeline.model import FusionModel
 from pipeline.train import (
-    INIT_LR, WarmupCosine, criterion, feature_selection, model_config, prepare_labels, to_device, train,
+    INIT_LR,
+    WarmupCosine,
+    criterion,
+    feature_selection,
+    model_config,
+    prepare_labels,
+    to_device,
+    train,
 )
+
 
 def test_schedule_is_the_references_per_epoch_warmup_then_cosine():
     opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.01)
@@ -69,7 +77,9 @@ def test_batches_read_ahead_preload_and_shuffle_per_epoch(cached_demo):
         for (f0, l0, i0), (f1, l1, i1) in zip(runs[0], batches):
             assert np.array_equal(i0, i1) and torch.equal(l0, l1)
             assert torch.equal(f0["t47"]["up_blocks_3_conv2_2"], f1["t47"]["up_blocks_3_conv2_2"])
-    order = lambda e: np.concatenate([i for _, _, i in plain.epoch(e)])
+    def order(e):
+        return np.concatenate([i for _, _, i in plain.epoch(e)])
+
     assert sorted(order(0)) == list(range(20)) and not np.array_equal(order(0), order(1))
     assert np.array_equal(order(1), np.concatenate([i for _, _, i in runs[0]]))
 

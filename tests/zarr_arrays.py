@@ -8,6 +8,6 @@ def all_arrays(path: str) -> dict:
     group = zarr.open_group(path, mode="r")
     for name, array in group.arrays():
         out[name] = array[:]
-    for name, sub in group.groups():
+    for name, _ in group.groups():
         out.update({f"{name}/{k}": v for k, v in all_arrays(f"{path}/{name}").items()})
     return out

@@ -80,7 +80,7 @@ class DiffusionSat:
     scheduler_config: dict
     spec: BackboneSpec
 
-    def to(self, device: torch.device | str) -> "DiffusionSat":
+    def to(self, device: torch.device | str) -> DiffusionSat:
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device)
         return self

@@ -12,9 +12,9 @@ from __future__ import annotations
 import inspect
 
 import torch
-from torch import nn
 from diffusers import UNet2DConditionModel
 from diffusers.models.embeddings import TimestepEmbedding
+from torch import nn
 
 
 class SatUNet(UNet2DConditionModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -36,6 +36,18 @@ def batch_order(indices, batch_size: int, shuffle: bool, seed: int, epoch: int, 
     elif shuffle:
         idx = np.random.default_rng([seed, epoch]).permutation(idx)
     return [np.sort(idx[i : i + batch_size]) for i in range(0, len(idx), batch_size)]
+
+
+def _gather(pieces, size: int) -> torch.Tensor:
+    """A batch's tensor from (positions in the group, positions in the batch, the group's tensor) per serving group."""
+    if len(pieces) == 1:  # the usual case: one gather, no further copy
+        rows, _, tensor = pieces[0]
+        return tensor[rows]
+    first = pieces[0][2]
+    out = first.new_empty((size, *first.shape[1:]))
+    for rows, places, tensor in pieces:
+        out[places] = tensor[rows]
+    return out
 
 
 class CacheBatches:
@@ -111,18 +123,9 @@ class CacheBatches:
                     parts.append((torch.from_numpy(np.searchsorted(rows, batch[hit])), torch.from_numpy(np.flatnonzero(hit)),
                                   feats, labels))
                     group[3] -= int(hit.sum())
-
-            def take(pick):
-                if len(parts) == 1:  # the usual case: one gather, no further copy
-                    return pick(parts[0])[parts[0][0]]
-                first = pick(parts[0])
-                out = first.new_empty((len(batch), *first.shape[1:]))
-                for part in parts:
-                    out[part[1]] = pick(part)[part[0]]
-                return out
-
-            yield ({t: {l: take(lambda p: p[2][t][l]) for l in self.layers} for t in self.timesteps},
-                   take(lambda p: p[3]), batch)
+            yield ({t: {l: _gather([(p[0], p[1], p[2][t][l]) for p in parts], len(batch)) for l in self.layers}
+                    for t in self.timesteps},
+                   _gather([(p[0], p[1], p[3]) for p in parts], len(batch)), batch)
             # Free groups served in full before the next group is read.
             parts = feats = labels = None
             held = [g if g[3] else [g[0], None, None, 0] for g in held]

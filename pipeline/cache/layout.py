@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 
 import zarr.codecs as zc
 
-
 FORMAT_VERSION = 1
 ATTRS_KEY = "satdifuser"
 # Set in a store's root attributes, instead of the provenance, while it is created or replaced.
@@ -160,7 +159,7 @@ class CachePlan:
         }
 
     @classmethod
-    def from_attrs(cls, attrs) -> "CachePlan":
+    def from_attrs(cls, attrs) -> CachePlan:
         """The plan stored in a cache's attributes; ValueError naming the first key that is wrong."""
         if not isinstance(attrs, dict):
             raise ValueError("its plan is missing")

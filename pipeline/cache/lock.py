@@ -44,7 +44,7 @@ def lock_path(path: str) -> str:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _describe(holder: dict) -> str:
@@ -64,7 +64,7 @@ class WriterLock:
         self._remote = _RemoteClaim(self, storage_options) if is_url(self._local) else None
         self._fd: int | None = None
 
-    def __enter__(self) -> "WriterLock":
+    def __enter__(self) -> WriterLock:
         if self._remote is not None:
             self._remote.acquire()
         else:

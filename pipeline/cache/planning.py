@@ -18,7 +18,7 @@ import numpy as np
 
 from ..backbone.schedule import Schedule, label_key
 from ..errors import UserError
-from .layout import BASE, EXACT_ENCODING, TIERS, CachePlan, ArraySpec, array_specs, ordered_tiers, tier_of
+from .layout import BASE, EXACT_ENCODING, TIERS, ArraySpec, CachePlan, array_specs, ordered_tiers, tier_of
 from .store import CacheError, is_url, open_root
 
 # Raw bytes over stored chunk bytes (each chunk's codec header and crc32c included; metadata and

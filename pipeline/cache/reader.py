@@ -13,8 +13,17 @@ from torch.utils.data import Dataset
 
 from .encoding import uint8_decode
 from .layout import (
-    ATTRS_KEY, CREATING_KEY, FORMAT_VERSION, TIERS, CachePlan, array_specs, feature_path, feature_scale_path,
-    object_key, pooled_path, trajectory_path,
+    ATTRS_KEY,
+    CREATING_KEY,
+    FORMAT_VERSION,
+    TIERS,
+    CachePlan,
+    array_specs,
+    feature_path,
+    feature_scale_path,
+    object_key,
+    pooled_path,
+    trajectory_path,
 )
 from .shards import ShardReader
 from .store import CacheError, CacheMismatch, ChunkPresence, DamagedData, differences, open_root
@@ -47,7 +56,7 @@ os.register_at_fork(after_in_child=_forget_pool)
 
 
 def open_cache(path: str, storage_options: dict | None = None, expect: dict | None = None,
-               direct_reads: bool = True) -> "FeatureCache":
+               direct_reads: bool = True) -> FeatureCache:
     """Open a cache read-only; with ``expect``, refuse one built for another request.
 
     ``expect`` is a partial request, e.g. ``{"backbone": {"id": ...}, "extraction": {...}}``:
@@ -322,7 +331,7 @@ class FeatureCache:
     def labels(self, indices) -> torch.Tensor:
         return torch.from_numpy(np.asarray(self._rows("labels", indices)))
 
-    def dataset(self, timesteps=None, layers=None, pooled: bool = False) -> "CacheDataset":
+    def dataset(self, timesteps=None, layers=None, pooled: bool = False) -> CacheDataset:
         return CacheDataset(self, timesteps, layers, pooled)
 
     # --- for other tools (``views``) ----------------------------------------------------------

@@ -90,7 +90,7 @@ class ShardReader:
         self._index: dict[int, np.ndarray | None] = {}
 
     @classmethod
-    def for_array(cls, array) -> "ShardReader | None":
+    def for_array(cls, array) -> ShardReader | None:
         """A reader when ``array`` is laid out as the cache writes feature maps, else None."""
         store = array.store
         codecs = array.metadata.codecs
@@ -164,7 +164,8 @@ class ShardReader:
                     first = shard * self.shard_rows + int(row)
                     raise DamagedData(self.root, self.name, (first, first + 1), "its chunk was never written")
                 offset, length = int(offset), int(length)
-                data = whole[offset : offset + length] if whole is not None else np.frombuffer(os.pread(fd, length, offset), np.uint8)
+                data = (whole[offset : offset + length] if whole is not None
+                        else np.frombuffer(os.pread(fd, length, offset), np.uint8))
                 if len(data) != length or not _checksum_ok(data):
                     raise self._corrupt(shard, f"the chunk of row {shard * self.shard_rows + int(row)}")
                 self.decoder(data[:-4], out[dest])

@@ -15,7 +15,6 @@ from .layout import ATTRS_KEY, feature_scale_path
 from .store import CacheError
 from .writer import array_attributes, lacking_objects
 
-
 # The attributes of stored uint8 maps that say how to decode them: not those of decoded maps.
 UINT8_KEYS = ("encoding", "decode", "scales", "scales_layout")
 

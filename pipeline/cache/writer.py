@@ -20,14 +20,31 @@ from zarr.dtype import VariableLengthUTF8
 
 from . import encoding
 from .layout import (
-    ATTRS_KEY, CREATING_KEY, FORMAT_VERSION, ArraySpec, CachePlan, array_specs, compressors, done_spec, feature_path,
-    feature_scale_path, object_key, ordered_tiers,
+    ATTRS_KEY,
+    CREATING_KEY,
+    FORMAT_VERSION,
+    ArraySpec,
+    CachePlan,
+    array_specs,
+    compressors,
+    done_spec,
+    feature_path,
+    feature_scale_path,
+    object_key,
+    ordered_tiers,
 )
 from .store import (
-    CacheError, CacheMismatch, ChunkPresence, consolidate, differences, normalise, open_root, path_exists, remove,
+    CacheError,
+    CacheMismatch,
+    ChunkPresence,
+    consolidate,
+    differences,
+    normalise,
+    open_root,
+    path_exists,
+    remove,
     unconsolidate,
 )
-
 
 # While tiers are added to a complete cache (from its trajectory), the provenance names them under
 # FILL_KEY and FILL_DONE marks the shards filled; the plan names them only once every shard is.
@@ -67,7 +84,7 @@ class CacheWriter:
 
     @classmethod
     def reopen(cls, path: str, request: dict, storage_options: dict | None = None,
-               mode: str = "r+") -> "CacheWriter | None":
+               mode: str = "r+") -> CacheWriter | None:
         """The store at ``path`` if it was built for ``request``; None if there is none.
 
         A cache built for another request is refused with the keys that differ (CacheMismatch);
@@ -96,7 +113,7 @@ class CacheWriter:
 
     @classmethod
     def create(cls, path: str, request: dict, plan: CachePlan, info: dict | None = None,
-               storage_options: dict | None = None) -> "CacheWriter":
+               storage_options: dict | None = None) -> CacheWriter:
         """A new, empty store for ``request``, replacing whatever was at ``path``."""
         root = _emptied(path, storage_options)
         _create_arrays(root, plan, request)
@@ -105,7 +122,7 @@ class CacheWriter:
             "format_version": FORMAT_VERSION,
             "request": normalise(request),
             "plan": plan.to_attrs(),
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             **normalise(info or {}),
         }})
         return cls(root, path, plan)
@@ -219,7 +236,7 @@ class CacheWriter:
         """The tiers an unfinished fill is adding, or None."""
         return self.root.attrs[ATTRS_KEY].get(FILL_KEY)
 
-    def begin_fill(self, tiers, map_encoding: str | None = None) -> "CacheWriter":
+    def begin_fill(self, tiers, map_encoding: str | None = None) -> CacheWriter:
         """The writer of the arrays ``tiers`` add, with done marks of its own (``FILL_DONE``): a fill of
         the same tiers (and map encoding) is resumed, anything else of a fill's left in the store is
         replaced. Maps added to a cache that holds none take ``map_encoding`` (default: the plan's).

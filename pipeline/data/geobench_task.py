@@ -126,7 +126,7 @@ class TaskSource:
     class_names: tuple[str, ...] | None = None
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "TaskSource":
+    def from_config(cls, cfg: Config) -> TaskSource:
         task, bands, scale = task_settings(cfg)
         missing = [k for k, v in (("geobench_task", task), ("bands", bands), ("band_scale", scale)) if not v]
         if missing:
@@ -220,7 +220,8 @@ def label_problem(label: np.ndarray, kind: str, num_classes: int) -> str | None:
     if not bad.size:
         return None
     shown = sorted(set(np.unique(bad).tolist()))
-    return f"label {'values' if len(shown) > 1 else 'value'} {', '.join(map(str, shown[:5]))} outside classes 0..{num_classes - 1}"
+    return (f"label {'values' if len(shown) > 1 else 'value'} {', '.join(map(str, shown[:5]))} "
+            f"outside classes 0..{num_classes - 1}")
 
 
 def scaling_text(band_scale: float) -> str:

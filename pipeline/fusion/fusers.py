@@ -26,7 +26,7 @@ def timestep_order(timesteps) -> list[str]:
     return sorted(timesteps, key=lambda t: int(str(t).lstrip("t")), reverse=True)
 
 
-def group_by_scale(layer_shapes: dict) -> "OrderedDict[int, list[str]]":
+def group_by_scale(layer_shapes: dict) -> OrderedDict[int, list[str]]:
     """Layers grouped by spatial width, widest first, keeping their order within a scale."""
     widths = sorted({shape[-1] for shape in layer_shapes.values()}, reverse=True)
     return OrderedDict((w, [l for l, s in layer_shapes.items() if s[-1] == w]) for w in widths)

@@ -2,7 +2,11 @@ import pytest
 import torch
 
 from pipeline.backbone.extractor import (
-    LATENT_SCALE, ExtractionSettings, FeatureExtractor, sample_seed, seeded_normal,
+    LATENT_SCALE,
+    ExtractionSettings,
+    FeatureExtractor,
+    sample_seed,
+    seeded_normal,
 )
 from pipeline.backbone.layers import as_map, capture
 from pipeline.backbone.loader import BackboneSpec, load_diffusionsat

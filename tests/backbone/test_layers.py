@@ -70,7 +70,8 @@ def test_capture_leaves_no_state_on_modules():
     layers = select_layers(unet, DEFAULT_LAYER_IDXS)
     before = {id(m): set(vars(m)) for m in unet.modules()}
     with capture(layers) as store:
-        unet(torch.randn(1, 4, 8, 8), torch.tensor([1.0]), encoder_hidden_states=torch.randn(1, 77, unet.config.cross_attention_dim))
+        unet(torch.randn(1, 4, 8, 8), torch.tensor([1.0]),
+             encoder_hidden_states=torch.randn(1, 77, unet.config.cross_attention_dim))
     assert set(store) == {l.name for l in layers}
     assert all(not m._forward_hooks for m in unet.modules())
     assert {id(m): set(vars(m)) for m in unet.modules()} == before

@@ -18,7 +18,12 @@ from safetensors.torch import load_file, save_file
 from pipeline.backbone.demo import SD21_UNET_CONFIG, build_demo_backbone
 from pipeline.backbone.extractor import ExtractionSettings, FeatureExtractor
 from pipeline.backbone.loader import (
-    BackboneError, BackboneSpec, check_layout, fingerprint, load_diffusionsat, read_scheduler_config,
+    BackboneError,
+    BackboneSpec,
+    check_layout,
+    fingerprint,
+    load_diffusionsat,
+    read_scheduler_config,
 )
 from pipeline.backbone.sat_unet import SatUNet
 from pipeline.backbone.schedule import Schedule

@@ -8,7 +8,14 @@ import zarr
 from pipeline.cache import planning
 from pipeline.cache.audit import cache_info
 from pipeline.cache.planning import (
-    check_room, dataset_plan, layer_shapes, passes_per_epoch, pending_shards, plan_bytes, plan_report, variant,
+    check_room,
+    dataset_plan,
+    layer_shapes,
+    passes_per_epoch,
+    pending_shards,
+    plan_bytes,
+    plan_report,
+    variant,
 )
 from pipeline.cache.reader import open_cache
 from pipeline.cache.store import CacheError

@@ -9,6 +9,7 @@ from pipeline.cache.layout import CachePlan, array_specs, feature_path
 from pipeline.cache.reader import open_cache
 from pipeline.cache.store import CacheError
 from pipeline.cache.writer import CacheWriter
+
 from test_cache import PLAN, REQUEST, build
 from zarr_arrays import all_arrays
 

@@ -10,6 +10,7 @@ pytest.importorskip("rasterio")
 
 from pipeline.data import demo  # noqa: E402  (after the skips on purpose)
 
+
 @pytest.fixture(scope="module")
 def gb(tmp_path_factory):
     # geobench creates $GEO_BENCH_DIR when imported, so point it at a scratch folder first.

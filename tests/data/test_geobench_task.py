@@ -233,8 +233,8 @@ def test_task_specs_of_older_geobench_load_through_its_loader(tmp_path, tiny_bac
     task_dir = write_fake(root, EUROSAT)
     _pickle_as_old_geobench(task_dir)
     assert b"ccb.io.task" in (task_dir / "task_specs.pkl").read_bytes()
-    plain = subprocess.run([sys.executable, "-c", f"import pickle; pickle.load(open({str(task_dir / 'task_specs.pkl')!r}, 'rb'))"],
-                           capture_output=True, text=True)
+    load = f"import pickle; pickle.load(open({str(task_dir / 'task_specs.pkl')!r}, 'rb'))"
+    plain = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True)
     assert "No module named 'ccb'" in plain.stderr  # unreadable without geobench's module aliases
     assert load_task_specs(task_dir).label_type.n_classes == 10
     cfg = load_config("configs/eurosat_exp.yaml", _fast(root, tiny_backbone, tmp_path))
