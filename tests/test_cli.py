@@ -450,3 +450,24 @@ def test_fit_with_params_needs_out(exp_file, tmp_path):
     assert result.exit_code == 2 and result.output == (
         f"error: --params {path} fits every partition x seed into --out/<partition>/seed<seed>; give --out, "
         "e.g. --out experiments/<dataset>/<fuser>\n")
+
+
+def test_every_dvc_stage_runs_a_satdifuser_command_with_options_it_has():
+    from pathlib import Path
+
+    import typer.main
+
+    root = typer.main.get_command(app)
+    stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        words = stage["cmd"].split()
+        assert words[0] == "satdifuser" and words[-2:] == ["--params", "params.yaml"], (name, words)
+        command = root
+        for word in words[1:]:
+            if word.startswith("-") or not hasattr(command, "commands"):
+                break
+            command = command.commands[word]
+        known = {opt for param in command.params for opt in param.opts}
+        assert {w for w in words if w.startswith("--")} <= known, name
+        assert "cli.py" in stage["deps"] and "pipeline/params.py" in stage["deps"], name
+        assert not any(str(dep).startswith("stages") for dep in stage["deps"]), name
