@@ -1,23 +1,107 @@
-"""The ``satdifuser`` command line: extract features once, inspect and verify caches."""
+"""The ``satdifuser`` command line: extract features once, inspect and verify caches, fit, probe
+and report. The DVC stages (dvc.yaml) run these same commands with ``--params params.yaml``."""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+@contextmanager
+def user_errors():
+    """Turn the errors a user can fix into one line on stderr and exit status 2."""
+    from pipeline.errors import UserError
+
+    try:
+        yield
+    except (UserError, FileNotFoundError) as err:
+        if not getattr(err, "quiet", False):  # said already, by another process
+            typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+class Commands(TyperGroup):
+    """Every command, sub-commands included, runs inside this group's invoke: its user errors are
+    turned into one line here."""
+
+    def invoke(self, ctx):
+        with user_errors():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True, help=__doc__)
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature caches.")
 demo_app = typer.Typer(no_args_is_help=True, help="Build the embedded demo task and backbone.")
 task_app = typer.Typer(no_args_is_help=True, help="Inspect GEO-Bench task folders.")
 app.add_typer(cache_app, name="cache")
 app.add_typer(task_app, name="task")
 app.add_typer(demo_app, name="demo")
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a record comes, so a swapped stderr (a test runner's) is
+    never written to after it is closed."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def configure_logging(level: int) -> None:
+    """One stderr handler on the root logger, whatever ran before (commands run many times in one
+    process under tests)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, StderrHandler)]:
+        root.removeHandler(handler)
+    handler = StderrHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def show_version(asked: bool) -> None:
+    if not asked:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        typer.echo(f"satdifuser {version('satdifuser-cache')}")
+    except PackageNotFoundError:
+        typer.echo("error: the satdifuser-cache package is not installed, so it has no version; "
+                   "install it with `pip install -e .`", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(0)
+
+
+@app.callback()
+def options(
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log DEBUG lines too.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Log warnings and errors only.")] = False,
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=show_version,
+                                          help="Print the version and exit.")] = False,
+):
+    from pipeline.errors import UserError
+
+    if verbose and quiet:
+        raise UserError("-v (--verbose) and -q (--quiet) contradict; give one of them")
+    configure_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
 class Fuser(str, Enum):
@@ -39,17 +123,10 @@ class Split(str, Enum):
     all = "all"
 
 
-@contextmanager
-def user_errors():
-    """Turn the errors a user can fix into one line on stderr and exit status 2."""
-    from pipeline.errors import UserError
-
-    try:
-        yield
-    except (UserError, FileNotFoundError) as err:
-        if not getattr(err, "quiet", False):  # said already, by another process
-            typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+class EvalSplit(str, Enum):
+    train = "train"
+    val = "val"
+    test = "test"
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -69,6 +146,15 @@ def parse_overrides(items: list[str]) -> dict:
             problem = getattr(err, "problem", None) or "unreadable"
             raise UserError(f"--set {item!r}: the value {value!r} is not valid YAML ({problem}); write it whole, "
                             "e.g. --set 'save_timesteps=[47,45]' or --set prompt='A satellite image'") from None
+    return out
+
+
+def config_overrides(set_: list[str] | None, cache_dir: str | None = None, geobench_dir: str | None = None,
+                     backbone: str | None = None) -> dict:
+    """The config keys from ``--set`` and the named path options (which win over ``--set``)."""
+    out = parse_overrides(set_ or [])
+    named = {"cache_dir": cache_dir, "geobench_dir": geobench_dir, "pretrained_model_name_or_path": backbone}
+    out.update({key: value for key, value in named.items() if value})
     return out
 
 
@@ -93,71 +179,98 @@ def storage_overrides(store: str | None, map_encoding: str | None) -> dict:
 
 
 ConfigArg = Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Experiment config (configs/*_exp.yaml).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: key=value (repeatable).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: key=value (repeatable).")]
+CacheDirOpt = Annotated[str | None, typer.Option(help="Cache root holding <dataset>/<split>.zarr: a folder or an fsspec URL "
+                                                      "(sets cache_dir; default: the config's).")]
+GeobenchOpt = Annotated[str | None, typer.Option(help="GEO-Bench root (sets geobench_dir; default: the config's, else "
+                                                      "$GEO_BENCH_DIR).")]
+BackboneOpt = Annotated[str | None, typer.Option(help="DiffusionSat checkpoint root or Hub id (sets "
+                                                      "pretrained_model_name_or_path; default: the config's).")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps or auto (default: the config's).")]
+ParamsOpt = Annotated[Path | None, typer.Option(help="Read this command's section of a params.yaml, as the DVC stage does; "
+                                                     "options given explicitly win.")]
 
 
 @app.command()
 def extract(
     config: ConfigArg,
     split: Annotated[Split, typer.Option(help="Split to extract.")] = Split.all,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 or auto (default: the config's).")] = None,
-    cache_dir: Annotated[Optional[str], typer.Option(help="Cache root: a folder or an fsspec URL.")] = None,
+    device: DeviceOpt = None,
+    cache_dir: CacheDirOpt = None,
+    geobench_dir: GeobenchOpt = None,
+    backbone: BackboneOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a cache built with other settings.")] = False,
-    repair: Annotated[bool, typer.Option(help="Verify the cache (every checksum) and re-extract the shards found damaged.")] = False,
-    wait: Annotated[bool, typer.Option(help="If another extraction is writing the cache, wait for it instead of stopping.")] = False,
-    store: Annotated[Optional[str], typer.Option(help="Tiers to store, comma-separated: maps,pooled,trajectory (default: the config's store).")] = None,
-    map_encoding: Annotated[Optional[str], typer.Option(help="float16 (exact), bitround-K (K = 1..9 mantissa bits kept) or uint8 (default: the config's).")] = None,
-    from_trajectory: Annotated[bool, typer.Option(help="Add the --store tiers (maps, pooled) to a complete cache from its stored trajectory: one UNet pass per saved label and image, no VAE.")] = False,
+    repair: Annotated[bool, typer.Option(help="Verify the cache (every checksum) and re-extract the shards found "
+                                              "damaged.")] = False,
+    wait: Annotated[bool, typer.Option(help="If another extraction is writing the cache, wait for it instead of "
+                                            "stopping.")] = False,
+    store: Annotated[str | None, typer.Option(help="Tiers to store, comma-separated: maps,pooled,trajectory (default: the "
+                                                   "config's store).")] = None,
+    map_encoding: Annotated[str | None, typer.Option(help="float16 (exact), bitround-K (K = 1..9 mantissa bits kept) or uint8 "
+                                                          "(default: the config's).")] = None,
+    from_trajectory: Annotated[bool, typer.Option(help="Add the --store tiers (maps, pooled) to a complete cache from its "
+                                                       "stored trajectory: one UNet pass per saved label and image, no "
+                                                       "VAE.")] = False,
     set_: SetOpt = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    nproc: Annotated[Optional[int], typer.Option(min=1, help="Ranks on this machine, one per device: launches torchrun, each rank writing its share of the shards (see README, Many GPUs and nodes).")] = None,
+    nproc: Annotated[int | None, typer.Option(min=1, help="Ranks on this machine, one per device: launches torchrun, each rank "
+                                                          "writing its share of the shards (see README, Many GPUs and "
+                                                          "nodes).")] = None,
+    params: ParamsOpt = None,
 ):
     """Run DiffusionSat once over a split and write its features to the Zarr cache.
 
     A killed run resumes where it stopped; shards marked done whose files are missing are
     extracted again, and --repair also re-extracts those `cache verify` finds damaged.
     --from-trajectory adds maps and/or pooled vectors to a cache that holds the trajectory.
-    Under torchrun, every rank writes its share of the shards into the same store."""
+    Under torchrun, every rank writes its share of the shards into the same store.
+    With --params (the DVC stage): the section `extract` (device, overrides), a cache built with
+    other settings is replaced, the cache must be where dvc.yaml declares it, and no progress bar."""
     from pipeline.config import load_config
     from pipeline.distributed import RankExtraction, Ranks, launch, strip_nproc
     from pipeline.errors import UserError
     from pipeline.extract import Extraction, rate_text
+    from pipeline.params import check_declared_output, read_params, section
 
-    with user_errors():
-        ranks = Ranks.from_env()
-        if nproc and ranks is not None:
-            raise UserError(f"--nproc {nproc} launches torchrun itself, but this process is already rank {ranks.rank} "
-                            f"of {ranks.world}; leave --nproc out under torchrun")
-        if from_trajectory and (ranks is not None or (nproc or 1) > 1):
-            raise UserError("--from-trajectory runs in one process; start it without torchrun")
+    ranks = Ranks.from_env()
+    if nproc and ranks is not None:
+        raise UserError(f"--nproc {nproc} launches torchrun itself, but this process is already rank {ranks.rank} "
+                        f"of {ranks.world}; leave --nproc out under torchrun")
+    if from_trajectory and (ranks is not None or (nproc or 1) > 1):
+        raise UserError("--from-trajectory runs in one process; start it without torchrun")
     if nproc and nproc > 1:
         raise typer.Exit(launch(nproc, strip_nproc(sys.argv[1:])))
-    with user_errors():
-        for flag, given, why in (("--overwrite", overwrite, "rebuilds it"), ("--repair", repair, "re-extracts its damaged shards")):
-            if from_trajectory and given:
-                raise UserError(f"--from-trajectory and {flag} contradict: --from-trajectory adds tiers to the cache as "
-                                f"it is, {flag} {why}; give one of them")
-        overrides = parse_overrides(set_ or [])
-        if cache_dir:
-            overrides["cache_dir"] = cache_dir
-        overrides.update(storage_overrides(store, map_encoding))
-        tiers = overrides.pop("store", None) if from_trajectory else None
-        cfg = load_config(config, overrides)
-        extraction = Extraction(cfg, device) if ranks is None else RankExtraction(cfg, ranks, device)
-        splits = ["train", "val", "test"] if split is Split.all else [split.value]
+    for flag, given, why in (("--overwrite", overwrite, "rebuilds it"), ("--repair", repair, "re-extracts its damaged shards")):
+        if from_trajectory and given:
+            raise UserError(f"--from-trajectory and {flag} contradict: --from-trajectory adds tiers to the cache as "
+                            f"it is, {flag} {why}; give one of them")
+    overrides = {**config_overrides(set_, cache_dir, geobench_dir, backbone), **storage_overrides(store, map_encoding)}
+    data = read_params(params) if params else None
+    if params:
+        p = section(params, "extract", data)
+        overrides = {**(p.get("overrides") or {}), **overrides}
+        device = device or p.get("device")
+        progress = False
+    tiers = overrides.pop("store", None) if from_trajectory else None
+    cfg = load_config(config, overrides)
+    splits = ["train", "val", "test"] if split is Split.all else [split.value]
+    if params:
         for name in splits:
-            if from_trajectory:
-                echo_fill(extraction.fill_from_trajectory(name, tiers=tiers, progress=progress, wait=wait))
-                continue
-            result = extraction.run(name, overwrite=overwrite, progress=progress and (ranks is None or ranks.leader),
-                                    repair=repair, wait=wait)
-            if ranks is not None and not ranks.leader:
-                continue  # rank 0 reports for all
-            rate = f", {rate_text(result.extracted, result.seconds)}" if result.extracted else " (already complete)"
-            by = f" by {ranks.world} ranks" if ranks is not None and result.extracted else ""
-            typer.echo(f"{result.path}: {result.num_samples} samples, {result.extracted} extracted{by}{rate}")
-        if ranks is not None:
-            extraction.close()
+            check_declared_output(config, cfg, name, data, params)
+    extraction = Extraction(cfg, device) if ranks is None else RankExtraction(cfg, ranks, device)
+    for name in splits:
+        if from_trajectory:
+            echo_fill(extraction.fill_from_trajectory(name, tiers=tiers, progress=progress, wait=wait))
+            continue
+        result = extraction.run(name, overwrite=overwrite, progress=progress and (ranks is None or ranks.leader),
+                                repair=repair, wait=wait, replace_mismatched=params is not None)
+        if ranks is not None and not ranks.leader:
+            continue  # rank 0 reports for all
+        rate = f", {rate_text(result.extracted, result.seconds)}" if result.extracted else " (already complete)"
+        by = f" by {ranks.world} ranks" if ranks is not None and result.extracted else ""
+        typer.echo(f"{result.path}: {result.num_samples} samples, {result.extracted} extracted{by}{rate}")
+    if ranks is not None:
+        extraction.close()
 
 
 def echo_fill(result) -> None:
@@ -175,57 +288,102 @@ def echo_fill(result) -> None:
 @app.command()
 def fit(
     config: ConfigArg,
-    fuser: Annotated[Optional[Fuser], typer.Option(help="Fuser (default: the config's).")] = None,
-    partition: Annotated[Optional[str], typer.Option(help="GEO-Bench partition to train on ('default', '0.10x_train', ...): its training samples, found by name in the train cache (sets train_partition).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: <exp_folder>/<dataset>/<fuser>/<partition>/seed<seed>, as the DVC stages).")] = None,
-    cache_dir: Annotated[Optional[str], typer.Option(help="Cache root holding <dataset>/<split>.zarr.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 or auto (default: the config's).")] = None,
-    source: Annotated[Optional[Source], typer.Option(help="Features from the cache's maps, recomputed from its stored trajectory (one UNet pass per timestep), or live through the whole backbone every batch (the reference's way; for measuring). Default: the config's source, else maps when the cache holds them, else trajectory.")] = None,
+    fuser: Annotated[Fuser | None, typer.Option(help="Fuser (default: the config's).")] = None,
+    partition: Annotated[str | None, typer.Option(help="GEO-Bench partition to train on ('default', '0.10x_train', ...): its "
+                                                       "training samples, found by name in the train cache (sets "
+                                                       "train_partition).")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Training seed: the model's initialisation and batch order (sets "
+                                                         "seed).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: "
+                                                  "<exp_folder>/<dataset>/<fuser>/<partition>/seed<seed>, as the DVC stages); "
+                                                  "with --params, the runs' root <out>/<partition>/seed<seed>.")] = None,
+    scores: Annotated[Path | None, typer.Option(help="Also write each run's test score, by <partition>/seed<seed>, to this JSON "
+                                                     "file (for dvc metrics).")] = None,
+    cache_dir: CacheDirOpt = None,
+    geobench_dir: GeobenchOpt = None,
+    backbone: BackboneOpt = None,
+    device: DeviceOpt = None,
+    source: Annotated[Source | None, typer.Option(help="Features from the cache's maps, recomputed from its stored trajectory "
+                                                       "(one UNet pass per timestep), or live through the whole backbone every "
+                                                       "batch (the reference's way; for measuring). Default: the config's "
+                                                       "source, else maps when the cache holds them, else trajectory.")] = None,
     live: Annotated[bool, typer.Option(help="The same as --source live.")] = False,
     set_: SetOpt = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    params: ParamsOpt = None,
 ):
-    """Train a fuser and head on cached features; writes metrics.json, the model and plots."""
-    from pipeline.config import load_config
+    """Train a fuser and head on cached features; writes metrics.json, the model and plots.
+
+    With --params (the DVC stage), every partition x seed of the section `fit` (partitions, seeds,
+    overrides, device) into --out/<partition>/seed<seed>/, skipping the runs already done with the
+    same inputs; --partition and --seed given explicitly replace the section's lists."""
     from pipeline.errors import UserError
+
+    if live and source not in (None, Source.live):
+        raise UserError(f"--live and --source {source.value} disagree; give one of them")
+    overrides = config_overrides(set_, cache_dir, geobench_dir, backbone)
+    asked = "live" if live else source and source.value
+    if params:
+        run_scores = fit_runs(config, params, fuser, partition, seed, out, overrides, device, asked)
+    else:
+        run_scores = fit_one(config, fuser, partition, seed, out, overrides, device, asked, progress)
+    if scores:
+        scores.parent.mkdir(parents=True, exist_ok=True)
+        scores.write_text(json.dumps(run_scores, indent=2) + "\n")
+
+
+def fit_one(config, fuser, partition, seed, out, overrides, device, source, progress) -> dict[str, float]:
+    from pipeline.config import load_config
     from pipeline.fit import fit as run_fit
 
-    with user_errors():
-        overrides = parse_overrides(set_ or [])
-        if fuser:
-            overrides["fuser"] = fuser.value
-        if partition:
-            overrides["train_partition"] = partition
-        cfg = load_config(config, overrides)
-        if not out:  # as dvc.yaml lays them out
-            out = Path(cfg.exp_folder) / cfg.dataset_name / cfg.fuser / cfg.train_partition / f"seed{cfg.seed}"
-        if live and source not in (None, Source.live):
-            raise UserError(f"--live and --source {source.value} disagree; give one of them")
-        asked = "live" if live else source and source.value
-        metrics = run_fit(cfg, out, device=device, source=asked, cache_dir=cache_dir, progress=progress)
+    named = {"fuser": fuser and fuser.value, "train_partition": partition, "seed": seed}
+    cfg = load_config(config, {**overrides, **{k: v for k, v in named.items() if v is not None}})
+    if not out:  # as dvc.yaml lays them out
+        out = Path(cfg.exp_folder) / cfg.dataset_name / cfg.fuser / cfg.train_partition / f"seed{cfg.seed}"
+    metrics = run_fit(cfg, out, device=device, source=source, cache_dir=overrides.get("cache_dir"), progress=progress)
     select = metrics["selection_metric"]
     typer.echo(f"{out}: val {select} {metrics['val'][select]:.4f}, test {select} {metrics['test'][select]:.4f} "
                f"({metrics['epochs_run']} epochs, {metrics['train_seconds']:.0f} s)")
+    return {f"{cfg.train_partition}/seed{cfg.seed}": metrics["test_score"]}
+
+
+def fit_runs(config, params, fuser, partition, seed, out, overrides, device, source) -> dict[str, float]:
+    """The grid of the params file's fit section, as the DVC stage runs it."""
+    from pipeline.config import load_config
+    from pipeline.errors import UserError
+    from pipeline.grid import fit_grid
+    from pipeline.params import section
+
+    p = section(params, "fit")
+    if not out:
+        raise UserError(f"--params {params} fits every partition x seed into --out/<partition>/seed<seed>; "
+                        "give --out, e.g. --out experiments/<dataset>/<fuser>")
+    overrides = {**(p.get("overrides") or {}), **overrides, **({"source": source} if source else {})}
+    name = fuser.value if fuser else load_config(config, overrides).fuser
+    partitions = [partition] if partition else p.get("partitions", ["default"])
+    seeds = [seed] if seed is not None else p.get("seeds", [42])
+    run_scores = fit_grid(config, name, partitions, seeds, out, overrides, device or p.get("device"))
+    typer.echo(f"{out}: {len(run_scores)} runs, test " + ", ".join(f"{k} {v:.4f}" for k, v in run_scores.items()))
+    return run_scores
 
 
 @app.command()
 def evaluate(
     model: Annotated[str, typer.Argument(help="A saved model folder (…/model), or a Hub repo id (user/name).")],
     config: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="The experiment config it was trained with.")],
-    split: Annotated[Split, typer.Option(help="Split to evaluate.")] = Split.test,
-    cache_dir: Annotated[Optional[str], typer.Option(help="Cache root holding <dataset>/<split>.zarr.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto (default: the config's).")] = None,
+    split: Annotated[EvalSplit, typer.Option(help="Split to evaluate.")] = EvalSplit.test,
+    cache_dir: CacheDirOpt = None,
+    geobench_dir: GeobenchOpt = None,
+    backbone: BackboneOpt = None,
+    device: DeviceOpt = None,
     set_: SetOpt = None,
 ):
     """Evaluate a saved model on a split's cache and print the metrics as JSON."""
     from pipeline.config import load_config
     from pipeline.fit import evaluate_saved
 
-    if split is Split.all:
-        raise typer.BadParameter("choose one split", param_hint="--split")
-    with user_errors():
-        cfg = load_config(config, parse_overrides(set_ or []))
-        metrics = evaluate_saved(cfg, model, split.value, cache_dir, device)
+    cfg = load_config(config, config_overrides(set_, cache_dir, geobench_dir, backbone))
+    metrics = evaluate_saved(cfg, model, split.value, cache_dir, device)
     typer.echo(json.dumps(metrics, indent=1))
 
 
@@ -234,60 +392,131 @@ def import_reference(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint the reference's run.py saved (best_ckpt_step_*.pth).")],
     config: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="The experiment config it was trained with.")],
     out: Annotated[Path, typer.Option(help="The model folder to write (config.json, model.safetensors).")],
-    cache_dir: Annotated[Optional[str], typer.Option(help="Cache root holding <dataset>/<split>.zarr.")] = None,
+    cache_dir: CacheDirOpt = None,
+    geobench_dir: GeobenchOpt = None,
+    backbone: BackboneOpt = None,
     set_: SetOpt = None,
 ):
     """Turn a head trained by the reference code into a saved model that `evaluate` reads."""
     from pipeline.config import load_config
     from pipeline.reference_checkpoint import import_reference as convert
 
-    with user_errors():
-        cfg = load_config(config, parse_overrides(set_ or []))
-        folder = convert(checkpoint, cfg, out, cache_dir)
+    cfg = load_config(config, config_overrides(set_, cache_dir, geobench_dir, backbone))
+    folder = convert(checkpoint, cfg, out, cache_dir)
     typer.echo(f"{folder}: {cfg.fuser} head from {checkpoint}; evaluate it with "
                f"`satdifuser evaluate {folder} --config {config}`")
 
 
+def task_folder(cache_dir: str, dataset: str) -> str:
+    """``<cache_dir>/<dataset>``, which must hold the task's caches (a URL is checked when opened)."""
+    from pipeline.cache.store import is_url
+    from pipeline.probe import ProbeError
+
+    folder = f"{cache_dir.rstrip('/')}/{dataset}"
+    if is_url(folder) or Path(folder).is_dir():
+        return folder
+    if not Path(cache_dir).is_dir():
+        raise ProbeError(f"--cache-dir {cache_dir} does not exist; give the cache root that holds "
+                         f"<dataset>/<split>.zarr (the config's cache_dir)")
+    there = sorted(p.name for p in Path(cache_dir).iterdir() if (p / "train.zarr").exists())
+    raise ProbeError(f"--dataset {dataset}: {folder} does not exist; --cache-dir {cache_dir} holds "
+                     + (", ".join(there) if there else "no task caches"))
+
+
 @app.command()
 def probe(
-    cache: Annotated[str, typer.Option(help="Folder (or URL) holding the task's train.zarr, val.zarr and test.zarr.")],
+    dataset: Annotated[str, typer.Option(help="The task's folder under --cache-dir (its dataset_name), holding train.zarr, "
+                                              "val.zarr and test.zarr.")],
     out: Annotated[Path, typer.Option(help="Output folder for probe_map.json/.csv, heatmap.png and metrics.json.")],
-    partition: Annotated[Optional[list[str]], typer.Option(help="A '<f>x_train' partition for the label-efficiency curve (repeatable), or 'all'.")] = None,
-    seeds: Annotated[int, typer.Option(min=0, help="Random draws of each partition's size, besides the partition itself.")] = 0,
-    geobench_dir: Annotated[Optional[Path], typer.Option(help="GEO-Bench root, for partitions (default: $GEO_BENCH_DIR).")] = None,
-    jobs: Annotated[Optional[int], typer.Option(min=1, help="Probes fitted in parallel (default: settings' n_jobs).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="A probe setting: key=value, e.g. c_grid=[0.1,1] (repeatable).")] = None,
-    scheduler: Annotated[Optional[str], typer.Option(help="Run the probes on Dask: local (threads), processes (n_jobs worker processes), tcp://HOST:PORT or a scheduler file (default: here, without Dask).")] = None,
-    scheduler_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for a --scheduler address to answer.")] = 10.0,
+    cache_dir: Annotated[str, typer.Option(help="Cache root holding <dataset>/<split>.zarr: a folder or an fsspec "
+                                                "URL.")] = "cache",
+    partition: Annotated[list[str] | None, typer.Option(help="A '<f>x_train' partition for the label-efficiency curve "
+                                                             "(repeatable), or 'all'.")] = None,
+    seeds: Annotated[int | None, typer.Option(min=0, help="Random draws of each partition's size, besides the partition itself "
+                                                          "(default 0).")] = None,
+    geobench_dir: Annotated[str | None, typer.Option(help="GEO-Bench root, for partitions (default: $GEO_BENCH_DIR).")] = None,
+    jobs: Annotated[int | None, typer.Option(min=1, help="Probes fitted in parallel (default: settings' n_jobs).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="A probe setting: key=value, e.g. c_grid=[0.1,1] "
+                                                                 "(repeatable).")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Run the probes on Dask: local (threads), processes (n_jobs worker "
+                                                       "processes), tcp://HOST:PORT or a scheduler file (default: here, without "
+                                                       "Dask).")] = None,
+    scheduler_timeout: Annotated[float | None, typer.Option(min=0.1, help="Seconds to wait for a --scheduler address to answer "
+                                                                          "(default 10).")] = None,
+    params: ParamsOpt = None,
 ):
-    """Probe every timestep x layer of a cache with scikit-learn; never loads the backbone."""
-    import logging
+    """Probe every timestep x layer of a task's caches with scikit-learn; never loads the backbone.
+
+    With --params (the DVC stage), the section `probe` (partitions, seeds, settings, scheduler,
+    scheduler_timeout); options given explicitly win, --set over the section's settings."""
     import os
 
+    from pipeline.cluster import CONNECT_TIMEOUT
+    from pipeline.outputs import output_folder
+    from pipeline.params import section
     from pipeline.probe import ProbeError, ProbeSettings
     from pipeline.probing import TaskInfo, open_task_caches, run_probe
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with user_errors():
-        values = parse_overrides(set_ or [])
-        if jobs:
-            values["n_jobs"] = jobs
-        settings = ProbeSettings.from_dict(values, "--set")
-        task_dir = None
-        if partition:
-            root = geobench_dir or os.environ.get("GEO_BENCH_DIR")
-            info = TaskInfo.of(open_task_caches(cache))
-            if root and not info.geobench_task:
-                raise ProbeError(f"--partition: {cache} records no GEO-Bench task folder, so its partitions cannot be found")
-            if root:
-                task_dir = Path(root) / info.geobench_task
-        metrics = run_probe(cache, out, settings, task_dir, partition, seeds, scheduler=scheduler,
-                            scheduler_timeout=scheduler_timeout)
+    p = section(params, "probe") if params else {}
+    values = dict(p.get("settings") or {})
+    if params:
+        ProbeSettings.from_dict(values, f"{params} probe.settings")
+    values.update(parse_overrides(set_ or []))
+    if jobs:
+        values["n_jobs"] = jobs
+    settings = ProbeSettings.from_dict(values, "--set")
+    partitions = partition or p.get("partitions") or None
+    if isinstance(partitions, str):  # "all"
+        partitions = [partitions]
+    output_folder(out)  # an unusable --out is said first, as run_probe says it before any work
+    cache = task_folder(cache_dir, dataset)
+    task_dir = None
+    if partitions:
+        root = geobench_dir or os.environ.get("GEO_BENCH_DIR")
+        info = TaskInfo.of(open_task_caches(cache))
+        if root and not info.geobench_task:
+            raise ProbeError(f"--partition: {cache} records no GEO-Bench task folder, so its partitions cannot be found")
+        if root:
+            task_dir = Path(root) / info.geobench_task
+    metrics = run_probe(cache, out, settings, task_dir, partitions, int(p.get("seeds", 0)) if seeds is None else seeds,
+                        scheduler=scheduler or p.get("scheduler"),
+                        scheduler_timeout=scheduler_timeout or p.get("scheduler_timeout", CONNECT_TIMEOUT))
     for name in ("best_layer", "best_timestep", "all"):
         if name in metrics:
             m = metrics[name]
             typer.echo(f"{name:>13}: {m['timestep']} {m['layer']}: val {m['val']:.4f}, test {metrics['metric']} {m['test']:.4f}")
     typer.echo(f"wrote {out}/probe_map.json, probe_map.csv, heatmap.png and metrics.json ({metrics['seconds']:.0f} s)")
+
+
+@app.command()
+def report(
+    params: Annotated[Path, typer.Option(help="The params.yaml naming the grid (tasks x fit.fusers x fit.partitions x "
+                                              "fit.seeds) and its section `report`.")] = Path("params.yaml"),
+    out: Annotated[str | None, typer.Option(help="Folder of the tables, plots and ledger (default: the section's out, else "
+                                                 "reports).")] = None,
+    cache_dir: Annotated[str, typer.Option(help="Cache root holding <dataset>/<split>.zarr, for the cost ledger.")] = "cache",
+    geobench_dir: Annotated[str | None, typer.Option(help="GEO-Bench root, for its normalizer.json (default: the params' "
+                                                          "geobench_root).")] = None,
+):
+    """Report the runs a params.yaml names: tables, IQM, plots, the cost ledger and leaderboard files.
+
+    The grid is tasks x fit.fusers x fit.partitions x fit.seeds (only those runs); the section
+    `report` sets the folders (out, leaderboard.out), the bootstrap and the leaderboard's fields."""
+    from pipeline.aggregate import Bootstrap
+    from pipeline.params import read_params, report_out, section
+    from pipeline.report import Grid, Leaderboard, write_report
+
+    data = read_params(params)
+    p = section(params, "report", data)
+    out = out or report_out(params, p)
+    grid = Grid.from_params(data, str(params))
+    boot = Bootstrap.from_dict(p.get("bootstrap") or {}, f"{params} report.bootstrap")
+    board = Leaderboard.from_dict(p.get("leaderboard") or {}, f"{params} report.leaderboard")
+    totals = write_report(grid, out, "experiments", "probes", cache_dir, geobench_dir or data.get("geobench_root"),
+                          boot, board)
+    typer.echo(f"{out}: {totals['fits']} fits; {totals['unet_passes_spent']:,} UNet passes spent, "
+               f"{totals['reference_unet_passes']:,} for the reference's same fits ({totals['ratio']}x); "
+               f"leaderboard in {board.out}/")
 
 
 @cache_app.command("info")
@@ -299,8 +528,7 @@ def cache_info(
     from pipeline.cache.audit import cache_info as info_of
     from pipeline.cache.reader import open_cache
 
-    with user_errors():
-        info = info_of(open_cache(path))
+    info = info_of(open_cache(path))
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -315,10 +543,12 @@ def format_info(info: dict) -> str:
     lines = [
         f"cache        {info['path']}",
         f"samples      {info['done']} of {info['num_samples']} done ({ds['name']} / {ds['split']}, partition {ds['partition']})",
-        f"backbone     {info['backbone']}  ({ex['mode']}, {ex['num_timesteps']} steps, {ex['precision']}, prompt {ex['prompt']!r})",
+        f"backbone     {info['backbone']}  ({ex['mode']}, {ex['num_timesteps']} steps, {ex['precision']}, prompt "
+        f"{ex['prompt']!r})",
         "timesteps    " + ", ".join(f"{k} (UNet t={v})" for k, v in info["timesteps"].items()),
         f"tiers        {tiers}",
-        f"on disk      {info['bytes_on_disk'] / mib:.1f} MiB, {info['bytes_per_image'] / 1024:.1f} KiB per image ({per_tier} KiB); "
+        f"on disk      {info['bytes_on_disk'] / mib:.1f} MiB, {info['bytes_per_image'] / 1024:.1f} KiB per image ({per_tier} "
+        f"KiB); "
         f"features {info['feature_bytes_on_disk'] / mib:.1f} MiB of {info['feature_bytes_raw_fp16'] / mib:.1f} MiB fp16 "
         f"(ratio {info['compression_ratio']}, codec {info['codec']}, shards of {info['shard_size']})",
     ]
@@ -353,7 +583,11 @@ def _layer_error(errors: dict, layer: str) -> str:
 @cache_app.command("plan")
 def cache_plan(
     config: ConfigArg,
-    images: Annotated[Optional[int], typer.Option(help="Plan this many images per split instead of the GEO-Bench task's counts.")] = None,
+    images: Annotated[int | None, typer.Option(help="Plan this many images per split instead of the GEO-Bench task's "
+                                                    "counts.")] = None,
+    cache_dir: CacheDirOpt = None,
+    geobench_dir: GeobenchOpt = None,
+    backbone: BackboneOpt = None,
     set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
@@ -362,8 +596,7 @@ def cache_plan(
     from pipeline.cache.planning import format_plan, plan_report
     from pipeline.config import load_config
 
-    with user_errors():
-        report = plan_report(load_config(config, parse_overrides(set_ or [])), images)
+    report = plan_report(load_config(config, config_overrides(set_, cache_dir, geobench_dir, backbone)), images)
     typer.echo(json.dumps(report, indent=2) if as_json else format_plan(report))
 
 
@@ -373,8 +606,7 @@ def cache_verify(path: Annotated[str, typer.Argument(help="Cache path or URL (..
     from pipeline.cache.audit import verify_cache
     from pipeline.cache.reader import open_cache
 
-    with user_errors():
-        problems = verify_cache(open_cache(path))
+    problems = verify_cache(open_cache(path))
     for line in problems:
         typer.echo(f"problem: {line}", err=True)
     if problems:
@@ -387,45 +619,70 @@ def cache_verify(path: Annotated[str, typer.Argument(help="Cache path or URL (..
 @task_app.command("inspect")
 def task_inspect(
     task_dir: Annotated[Path, typer.Argument(help="A GEO-Bench task folder, e.g. $GEO_BENCH_DIR/classification_v1.0/m-eurosat.")],
-    config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="Check the bands and band_scale of this experiment config (default: the known task of the folder's name).")] = None,
+    config: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="Check the bands and band_scale of this "
+                                                                                  "experiment config (default: the known task "
+                                                                                  "of the folder's name).")] = None,
     samples: Annotated[int, typer.Option(min=1, help="Images read, spread evenly over the task's sample files.")] = 32,
-    clip_warn: Annotated[float, typer.Option(min=0, max=1, help="Warn when the scaling clips more than this share of a band's values.")] = 0.03,
+    clip_warn: Annotated[float, typer.Option(min=0, max=1, help="Warn when the scaling clips more than this share of a band's "
+                                                                "values.")] = 0.03,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """Per band dtype and value range, label values, split and partition sizes of a task, and the
     share of pixels the configured scaling would clip."""
     from pipeline.data.inspect import format_inspection, inspect_task
 
-    with user_errors():
-        report = inspect_task(task_dir, samples, str(config) if config else None, clip_warn)
+    report = inspect_task(task_dir, samples, str(config) if config else None, clip_warn)
     typer.echo(json.dumps(report, indent=2) if as_json else format_inspection(report))
 
 
 @demo_app.command("data")
 def demo_data(
-    out: Annotated[Path, typer.Option(help="GEO-Bench root to write the demo tasks into.")] = Path("data/geobench"),
+    out: Annotated[Path | None, typer.Option(help="GEO-Bench root to write the demo tasks into (default: "
+                                                  "data/geobench).")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Seed of the samples' split (default 0).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing demo tasks.")] = False,
+    params: ParamsOpt = None,
 ):
-    """Cut the Sentinel-2 demo scene into GEO-Bench classification and segmentation tasks."""
+    """Cut the Sentinel-2 demo scene into GEO-Bench classification and segmentation tasks.
+
+    With --params (the DVC stage), the section `demo_data` (root, patch_size, block_patches, seed),
+    replacing the tasks there."""
     from pipeline.data.demo import build_demo_tasks
 
-    with user_errors():
-        summary = build_demo_tasks(out, overwrite=overwrite)
-    typer.echo(f"demo tasks written to {out}: {summary['split_sizes']}")
+    p = demo_params(params, "demo_data", seed=seed)
+    root = out or Path(p.pop("root", "data/geobench"))
+    summary = build_demo_tasks(root, overwrite=overwrite or params is not None, **p)
+    typer.echo(f"demo tasks written to {root}: {summary['split_sizes']}")
 
 
 @demo_app.command("backbone")
 def demo_backbone(
-    out: Annotated[Path, typer.Option(help="Checkpoint root to write the tiny DiffusionSat into.")] = Path("models/demo-diffusionsat"),
-    img_size: Annotated[int, typer.Option(help="Image size it is built for (folder resolution{img_size}).")] = 128,
+    out: Annotated[Path | None, typer.Option(help="Checkpoint root to write the tiny DiffusionSat into (default: "
+                                                  "models/demo-diffusionsat).")] = None,
+    img_size: Annotated[int | None, typer.Option(help="Image size it is built for (folder resolution{img_size}; default "
+                                                      "128).")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Seed of its random weights (default 0).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing demo backbone.")] = False,
+    params: ParamsOpt = None,
 ):
-    """Write a tiny random DiffusionSat in the published checkpoint layout."""
+    """Write a tiny random DiffusionSat in the published checkpoint layout.
+
+    With --params (the DVC stage), the section `demo_backbone` (root, img_size, seed), replacing
+    the backbone there."""
     from pipeline.backbone.demo import build_demo_backbone
 
-    with user_errors():
-        path = build_demo_backbone(out, img_size=img_size, overwrite=overwrite)
+    p = demo_params(params, "demo_backbone", img_size=img_size, seed=seed)
+    root = out or Path(p.pop("root", "models/demo-diffusionsat"))
+    path = build_demo_backbone(root, overwrite=overwrite or params is not None, **p)
     typer.echo(f"demo backbone written to {path}")
+
+
+def demo_params(params: Path | None, name: str, **given) -> dict:
+    """The keyword arguments of a demo builder: the params section's, and the options given over them."""
+    from pipeline.params import section
+
+    p = section(params, name) if params else {}
+    return {**p, **{key: value for key, value in given.items() if value is not None}}
 
 
 def main():

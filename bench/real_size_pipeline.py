@@ -393,7 +393,7 @@ def task_stages(stages: Stages, args, task: str, cfg: Path, cache: Path, out: Pa
                 fusers=None, sources=("maps",)) -> None:
     dataset = TASKS[task][2]
     if not args.skip_probe:
-        stages.run(f"{task}{tag} probe", ["-m", "cli", "probe", "--cache", str(cache / dataset),
+        stages.run(f"{task}{tag} probe", ["-m", "cli", "probe", "--cache-dir", str(cache), "--dataset", dataset,
                                           "--out", str(out / "probes" / dataset)])
     if not args.skip_fits:
         for source in sources:
@@ -427,8 +427,8 @@ def tier_stages(stages: Stages, args, task: str, backbone: Path, geobench: Path,
                                                        "--no-progress"])["rc"]:
         sizes += cache_stage(stages, task, dataset, work / "cache-pooled", "pooled")
         if not args.skip_probe:
-            stages.run(f"{task} probe (pooled-only cache)", ["-m", "cli", "probe", "--cache",
-                                                             str(work / "cache-pooled" / dataset), "--out",
+            stages.run(f"{task} probe (pooled-only cache)", ["-m", "cli", "probe", "--cache-dir",
+                                                             str(work / "cache-pooled"), "--dataset", dataset, "--out",
                                                              str(work / "out-pooled" / "probes" / dataset)])
     traj_cache = work / "cache-trajectory"
     traj = experiment_config(work, task, backbone, geobench, traj_cache, {**overrides, "store": ["trajectory"]},

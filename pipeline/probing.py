@@ -38,18 +38,18 @@ def open_task_caches(cache_dir: str | Path, storage_options: dict | None = None)
         try:
             caches[split] = open_cache(path, storage_options)
         except CacheError as err:
-            raise ProbeError(f"--cache {cache_dir}: {err}") from None
+            raise ProbeError(f"{cache_dir}: {err}") from None
         if not caches[split].complete:
-            raise ProbeError(f"--cache {cache_dir}: {split}.zarr is incomplete; finish it with `satdifuser extract`")
+            raise ProbeError(f"{cache_dir}: {split}.zarr is incomplete; finish it with `satdifuser extract`")
     first = caches["train"].request
     for split in ("val", "test"):
         other = caches[split].request
         for key in ("backbone", "extraction"):
             if other[key] != first[key]:
-                raise ProbeError(f"--cache {cache_dir}: {split}.zarr was extracted with another {key} than train.zarr; "
+                raise ProbeError(f"{cache_dir}: {split}.zarr was extracted with another {key} than train.zarr; "
                                  "extract all three splits with one config")
         if caches[split].layer_shapes != caches["train"].layer_shapes:
-            raise ProbeError(f"--cache {cache_dir}: {split}.zarr holds other layers than train.zarr")
+            raise ProbeError(f"{cache_dir}: {split}.zarr holds other layers than train.zarr")
     return caches
 
 
@@ -134,7 +134,7 @@ def _run(cache_dir, out_dir, settings, task_dir, partitions, seeds, storage_opti
     probe = Probe(caches, info.kind, info.num_classes, settings, cluster)
     classes = _train_classes(probe)
     if classes is not None and len(classes) < 2:
-        raise ProbeError(f"--cache {cache_dir}: every training {'pixel' if info.kind == 'segmentation' else 'image'} "
+        raise ProbeError(f"{cache_dir}: every training {'pixel' if info.kind == 'segmentation' else 'image'} "
                          f"probed is of class {int(classes[0])}, and a probe needs at least 2 classes to learn from; "
                          "extract a training split (or partition) that holds more than one class")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,8 @@ def test_extract_info_verify(exp_file, tmp_path):
     shard = next((cache / "features" / "t40").glob("*/c/1/0/0/0"))
     shard.unlink()
     bad = runner.invoke(app, ["cache", "verify", str(cache)])
-    assert bad.exit_code == 1 and f"is marked done but 1 of its stored objects are missing: {shard.relative_to(cache)}" in bad.output
+    assert bad.exit_code == 1
+    assert f"is marked done but 1 of its stored objects are missing: {shard.relative_to(cache)}" in bad.output
     assert "--repair` re-extracts the shards named" in bad.output
     info = runner.invoke(app, ["cache", "info", str(cache)])
     assert info.exit_code == 0 and "problem      1 shard(s) marked done lack stored objects ([1])" in info.output
@@ -168,12 +169,14 @@ def test_outputs_and_saved_models_that_cannot_be_used_are_one_line_with_exit_sta
     taken = tmp_path / "taken"
     taken.write_text("a file")
     model = tmp_path / "model"
-    FusionModel(ModelConfig("gw", "linear", {"up_blocks_1_attn1_0": (8, 2, 2)}, ["t47"], 4, projection_dim=128)).save_pretrained(model)
+    config = ModelConfig("gw", "linear", {"up_blocks_1_attn1_0": (8, 2, 2)}, ["t47"], 4, projection_dim=128)
+    FusionModel(config).save_pretrained(model)
     weights = (model / "model.safetensors").read_bytes()
     evaluate = ["evaluate", str(model), "--config", str(exp_file), "--device", "cpu"]
     cases = [
         (["fit", str(exp_file), "--out", str(taken), "--device", "cpu"], f"--out {taken} is an existing file"),
-        (["probe", "--cache", str(tmp_path / "cache"), "--out", str(taken)], f"--out {taken} is an existing file"),
+        (["probe", "--cache-dir", str(tmp_path), "--dataset", "cache", "--out", str(taken)],
+         f"--out {taken} is an existing file"),
         (["demo", "data", "--out", str(taken)], f"--out {taken} is an existing file"),
         (["demo", "backbone", "--out", str(taken)], f"--out {taken} is an existing file"),
         (["demo", "backbone", "--out", str(tmp_path / "bb"), "--img-size", "-8"],
@@ -181,7 +184,8 @@ def test_outputs_and_saved_models_that_cannot_be_used_are_one_line_with_exit_sta
         (evaluate, lambda: (model / "model.safetensors").write_bytes(weights[: len(weights) // 2]),
          "model.safetensors is not a readable safetensors file"),
         (evaluate, lambda: (model / "config.json").write_text("{"), "config.json is not valid JSON"),
-        (evaluate, lambda: (model / "config.json").write_text('{"fuser": "gw"}'), "config.json is not a saved model's config (missing keys"),
+        (evaluate, lambda: (model / "config.json").write_text('{"fuser": "gw"}'), "config.json is not a saved model's config "
+                                                                                  "(missing keys"),
     ]
     for case in cases:
         args, *damage, message = case
@@ -230,8 +234,8 @@ def synthetic_task(tmp_path):
 
 def test_probe_prints_best_cells_and_writes_files(synthetic_task, tmp_path):
     out = tmp_path / "probe"
-    result = runner.invoke(app, ["probe", "--cache", str(synthetic_task), "--out", str(out), "--jobs", "1",
-                                 "--set", "c_grid=[0.1,10]"])
+    result = runner.invoke(app, ["probe", "--cache-dir", str(synthetic_task.parent), "--dataset", "task", "--out", str(out),
+                                 "--jobs", "1", "--set", "c_grid=[0.1,10]"])
     assert result.exit_code == 0, result.output
     assert "best_layer: t40 up_blocks_2_conv2_0: val 1.0000, test accuracy 1.0000" in result.output
     assert {p.name for p in out.iterdir()} == {"probe_map.json", "probe_map.csv", "heatmap.png", "metrics.json"}
@@ -244,15 +248,31 @@ def test_probe_prints_best_cells_and_writes_files(synthetic_task, tmp_path):
 ])
 def test_probe_user_errors_are_one_line(synthetic_task, tmp_path, args, message, monkeypatch):
     monkeypatch.delenv("GEO_BENCH_DIR", raising=False)
-    result = runner.invoke(app, ["probe", "--cache", str(synthetic_task), "--out", str(tmp_path / "p"), *args])
+    result = runner.invoke(app, ["probe", "--cache-dir", str(synthetic_task.parent), "--dataset", "task",
+                                 "--out", str(tmp_path / "p"), *args])
     assert result.exit_code == 2 and result.output.strip() == result.output.strip().splitlines()[0]
     assert result.output.startswith(message), result.output
 
 
-def test_probe_of_a_missing_cache(tmp_path):
-    result = runner.invoke(app, ["probe", "--cache", str(tmp_path / "none"), "--out", str(tmp_path / "p")])
-    assert result.exit_code == 2 and result.output.startswith(f"error: --cache {tmp_path / 'none'}: ")
-    assert len(result.output.strip().splitlines()) == 1
+def test_probe_of_a_dataset_not_under_the_cache_dir_is_one_line_naming_the_path(synthetic_task, tmp_path):
+    (tmp_path / "other").mkdir()  # holds no train.zarr: not a task's caches
+    result = runner.invoke(app, ["probe", "--cache-dir", str(tmp_path), "--dataset", "none", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 2 and result.output == (f"error: --dataset none: {tmp_path / 'none'} does not exist; "
+                                                       f"--cache-dir {tmp_path} holds task\n")
+    result = runner.invoke(app, ["probe", "--cache-dir", str(tmp_path / "gone"), "--dataset", "task",
+                                 "--out", str(tmp_path / "p")])
+    assert result.exit_code == 2 and result.output.startswith(f"error: --cache-dir {tmp_path / 'gone'} does not exist; ")
+    assert result.output.count("\n") == 1
+    empty = runner.invoke(app, ["probe", "--cache-dir", str(tmp_path / "other"), "--dataset", "task",
+                                "--out", str(tmp_path / "p")])
+    assert empty.output == f"error: --dataset task: {tmp_path / 'other' / 'task'} does not exist; " \
+        f"--cache-dir {tmp_path / 'other'} holds no task caches\n"
+    assert not (tmp_path / "p").exists()
+
+
+def test_probe_no_longer_takes_cache(synthetic_task, tmp_path):
+    result = runner.invoke(app, ["probe", "--cache", str(synthetic_task), "--out", str(tmp_path / "p")])
+    assert result.exit_code == 2 and "No such option: --cache" in result.output
 
 
 def test_store_and_map_encoding_reach_the_extraction_and_bad_values_are_one_line(exp_file, tmp_path):
@@ -282,3 +302,177 @@ def test_store_and_map_encoding_reach_the_extraction_and_bad_values_are_one_line
     assert as_json["tiers"] == ["maps", "pooled"] and set(as_json["bytes_per_image_by_tier"]) == {"maps", "pooled", "labels"}
     assert as_json["extraction"]["map_encoding"] == "bitround-5"
     assert runner.invoke(app, ["cache", "verify", str(cache)]).exit_code == 0
+
+
+# ---- one command line: help, version, logging, --params ---------------------------------------------
+
+def command_paths(group, prefix=()):
+    """Every command and sub-command of the app, as the words that call it."""
+    for name, command in group.commands.items():
+        yield (*prefix, name)
+        if hasattr(command, "commands"):
+            yield from command_paths(command, (*prefix, name))
+
+
+def test_help_names_every_command_and_every_help_shows_its_options():
+    import typer.main
+
+    root = typer.main.get_command(app)
+    listing = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert listing.exit_code == 0
+    for name in ("extract", "fit", "evaluate", "import-reference", "probe", "report", "cache", "task", "demo"):
+        assert f" {name} " in listing.output, name
+    paths = list(command_paths(root))
+    assert {" ".join(p) for p in paths} >= {"cache info", "cache plan", "cache verify", "task inspect", "demo data",
+                                             "demo backbone"}
+    for path in paths:
+        command = root
+        for word in path:
+            command = command.commands[word]
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, (path, result.output)
+        for param in command.params:
+            if param.param_type_name == "option" and param.name != "help":
+                assert param.opts[0] in result.output, (path, param.opts[0])
+
+
+def test_one_spelling_per_concept_on_every_command_that_takes_it():
+    import typer.main
+
+    root = typer.main.get_command(app)
+
+    def options(*path):
+        command = root
+        for word in path:
+            command = command.commands[word]
+        return {opt for param in command.params for opt in param.opts}
+
+    for path in (("extract",), ("fit",), ("evaluate",), ("import-reference",), ("cache", "plan")):
+        assert {"--cache-dir", "--geobench-dir", "--backbone"} <= options(*path), path
+    for path in (("extract",), ("fit",), ("evaluate",)):
+        assert "--device" in options(*path), path
+    for path in (("fit",), ("demo", "data"), ("demo", "backbone")):
+        assert "--seed" in options(*path), path
+    for path in (("fit",), ("import-reference",), ("probe",), ("report",), ("demo", "data"), ("demo", "backbone")):
+        assert "--out" in options(*path), path
+    for path in (("extract",), ("fit",), ("probe",), ("report",), ("demo", "data"), ("demo", "backbone")):
+        assert "--params" in options(*path), path
+    assert "--cache-dir" in options("probe") and "--cache" not in options("probe")
+
+
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"satdifuser {version('satdifuser-cache')}\n"
+
+
+@pytest.fixture
+def root_level():
+    """The root logger's level as it was: the app's callback sets it for the process."""
+    import logging
+
+    before = logging.getLogger().level
+    yield
+    logging.getLogger().setLevel(before)
+
+
+def test_info_lines_show_by_default_and_quiet_silences_them(synthetic_task, tmp_path, root_level):
+    base = ["probe", "--cache-dir", str(synthetic_task.parent), "--dataset", "task", "--jobs", "1",
+            "--set", "c_grid=[1.0]"]
+    loud = runner.invoke(app, [*base, "--out", str(tmp_path / "loud")])
+    assert loud.exit_code == 0, loud.output
+    assert f"INFO pipeline.probing: probe map of {synthetic_task.parent / 'task'}: " in loud.stderr
+    quiet = runner.invoke(app, ["-q", *base, "--out", str(tmp_path / "quiet")])
+    assert quiet.exit_code == 0 and "INFO" not in quiet.output and quiet.stderr == ""
+    assert "best_layer: t40 up_blocks_2_conv2_0" in quiet.stdout  # results still print
+    both = runner.invoke(app, ["-q", "-v", *base, "--out", str(tmp_path / "both")])
+    assert both.exit_code == 2 and both.output == "error: -v (--verbose) and -q (--quiet) contradict; give one of them\n"
+
+
+def test_verbose_logs_debug_lines(synthetic_task, tmp_path, root_level):
+    result = runner.invoke(app, ["-v", "probe", "--cache-dir", str(synthetic_task.parent), "--dataset", "task", "--jobs",
+                                 "1", "--set", "c_grid=[1.0]", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert any(line.startswith("DEBUG zarr.") for line in result.stderr.splitlines())
+
+
+def test_evaluate_offers_one_split_only(tmp_path, exp_file):
+    result = runner.invoke(app, ["evaluate", str(tmp_path), "--config", str(exp_file), "--split", "all"],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "'all' is not one of 'train', 'val', 'test'" in result.output, result.output
+
+
+def test_fit_seed_sets_the_runs_seed(exp_file, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    result = runner.invoke(app, ["fit", str(exp_file), "--seed", "7", "--fuser", "lw", "--device", "cpu",
+                                 "--set", f"exp_folder={taken}"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: --out {taken / 'demo-landcover' / 'lw' / 'default' / 'seed7'} "), result.output
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "error: --params {path}: no such file; give the params.yaml the DVC stages read\n"),
+    ("extract: {device: cpu", "error: --params {path} is not valid YAML ("),
+    ("[1, 2]", "error: --params {path}: expected a mapping of sections, found list\n"),
+    ("extract: [cpu]", "error: {path} extract: expected a mapping, found ['cpu']\n"),
+    ("extract: {devic: cpu}", "error: {path} extract: unknown key 'devic'; allowed: device, overrides\n"),
+    ("extract: {overrides: [lr]}", "error: {path} extract.overrides: expected a mapping, found ['lr']\n"),
+])
+def test_a_bad_params_file_or_section_is_one_line_naming_the_file_and_key(exp_file, tmp_path, text, message):
+    path = tmp_path / "params.yaml"
+    if text is not None:
+        path.write_text(text)
+    result = runner.invoke(app, ["extract", str(exp_file), "--split", "test", "--params", str(path)])
+    assert result.exit_code == 2 and result.output.startswith(message.format(path=path)), result.output
+    assert result.output.count("\n") == 1 and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("command, section, allowed", [
+    (["fit", "{exp}", "--out", "{tmp}/runs"], "fit", "device, fusers, overrides, partitions, seeds"),
+    (["probe", "--cache-dir", "{tmp}", "--dataset", "task", "--out", "{tmp}/p"], "probe",
+     "partitions, scheduler, scheduler_timeout, seeds, settings"),
+    (["report"], "report", "bootstrap, leaderboard, out"),
+    (["demo", "data", "--out", "{tmp}/d"], "demo_data", "block_patches, patch_size, root, seed"),
+    (["demo", "backbone", "--out", "{tmp}/b"], "demo_backbone", "img_size, root, seed"),
+])
+def test_every_command_with_params_refuses_an_unknown_key_of_its_section(exp_file, tmp_path, command, section,
+                                                                         allowed):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({section: {"typo": 1}}))
+    args = [a.format(exp=exp_file, tmp=tmp_path) for a in command]
+    result = runner.invoke(app, [*args, "--params", str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.output == f"error: {path} {section}: unknown key 'typo'; allowed: {allowed}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.yaml", "params.yaml"]
+
+
+def test_fit_with_params_needs_out(exp_file, tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"fit": {"seeds": [1, 2]}}))
+    result = runner.invoke(app, ["fit", str(exp_file), "--params", str(path)])
+    assert result.exit_code == 2 and result.output == (
+        f"error: --params {path} fits every partition x seed into --out/<partition>/seed<seed>; give --out, "
+        "e.g. --out experiments/<dataset>/<fuser>\n")
+
+
+def test_every_dvc_stage_runs_a_satdifuser_command_with_options_it_has():
+    from pathlib import Path
+
+    import typer.main
+
+    root = typer.main.get_command(app)
+    stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        words = stage["cmd"].split()
+        assert words[0] == "satdifuser" and words[-2:] == ["--params", "params.yaml"], (name, words)
+        command = root
+        for word in words[1:]:
+            if word.startswith("-") or not hasattr(command, "commands"):
+                break
+            command = command.commands[word]
+        known = {opt for param in command.params for opt in param.opts}
+        assert {w for w in words if w.startswith("--")} <= known, name
+        assert "cli.py" in stage["deps"] and "pipeline/params.py" in stage["deps"], name
+        assert not any(str(dep).startswith("stages") for dep in stage["deps"]), name

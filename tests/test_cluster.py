@@ -59,7 +59,8 @@ def test_an_unreachable_scheduler_is_one_line_within_the_timeout(address, silent
 
 def test_the_probe_command_prints_the_unreachable_address_in_one_line(silent_port, tmp_path, task_caches):
     start = time.monotonic()
-    result = CliRunner().invoke(app, ["probe", "--cache", str(task_caches), "--out", str(tmp_path / "p"),
+    result = CliRunner().invoke(app, ["probe", "--cache-dir", str(task_caches.parent), "--dataset", task_caches.name,
+                                      "--out", str(tmp_path / "p"),
                                       "--scheduler", f"tcp://127.0.0.1:{silent_port}", "--scheduler-timeout", "1"])
     assert result.exit_code == 2, result.output
     assert time.monotonic() - start < 1 + 3 + 10  # the timeout, the thread's margin, the import of distributed

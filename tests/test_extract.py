@@ -163,15 +163,18 @@ def test_the_dvc_stage_extracts_with_params_yaml(make_config, tmp_path, monkeypa
     import shutil
 
     import yaml
+    from typer.testing import CliRunner
 
-    from stages import extract as stage
+    from cli import app
 
     shutil.copytree("configs", tmp_path / "configs")
     overrides = {"geobench_dir": str(demo_root), "pretrained_model_name_or_path": str(tiny_backbone.root),
                  "img_size": 64, "shard_size": 4, "num_workers": 0}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"extract": {"device": "cpu", "overrides": overrides}}))
     monkeypatch.chdir(tmp_path)
-    stage.main(["--config", "configs/demo_cls_exp.yaml", "--split", "test"])
+    result = CliRunner().invoke(app, ["extract", "configs/demo_cls_exp.yaml", "--split", "test", "--params", "params.yaml"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("cache/demo-landcover/test.zarr: 8 samples, 8 extracted, "), result.output
     cache = open_cache("cache/demo-landcover/test.zarr")
     assert cache.complete and len(cache) == 8
 
@@ -314,22 +317,21 @@ def test_a_killed_overwrite_never_leaves_a_store_that_claims_to_be_complete(writ
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-def test_the_dvc_stage_refuses_a_task_entry_whose_dataset_is_not_the_configs(tmp_path, monkeypatch, capsys):
+def test_the_dvc_stage_refuses_a_task_entry_whose_dataset_is_not_the_configs(tmp_path, monkeypatch):
     import shutil
 
     import yaml
+    from typer.testing import CliRunner
 
-    from stages import extract as stage
-    from stages import run
+    from cli import app
 
     shutil.copytree("configs", tmp_path / "configs")
     entry = {"config": "demo_cls", "dataset": "landcover", "geobench": "classification_v1.0/demo-landcover"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tasks": [entry], "extract": {"device": "cpu", "overrides": {}}}))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_:
-        run(lambda: stage.main(["--config", "configs/demo_cls_exp.yaml", "--split", "test"]))
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.count("\n") == 1
+    result = CliRunner().invoke(app, ["extract", "configs/demo_cls_exp.yaml", "--split", "test", "--params", "params.yaml"])
+    err = result.stderr
+    assert result.exit_code == 2 and err.count("\n") == 1 and not result.stdout
     assert err.startswith(f"error: params.yaml tasks entry {entry}: dataset 'landcover', but configs/demo_cls_exp.yaml "
                           "has dataset_name 'demo-landcover': the extraction would write cache/demo-landcover/test.zarr "
                           "where dvc.yaml expects cache/landcover/test.zarr; make the entry's dataset 'demo-landcover'")

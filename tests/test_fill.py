@@ -232,7 +232,7 @@ def test_the_command_a_trajectory_cache_names_fills_the_tier(write_exp):
                f"{3 * len(cache)} UNet passes" in result.output
         assert cache.features([0])["t47"]["up_blocks_1_attn1_0"].shape[0] == 1
     again = CliRunner().invoke(app, argv + ["--split", "val"])
-    assert again.exit_code == 0 and again.output == f"{cfg.cache_path('val')}: holds maps already; nothing to fill\n"
+    assert again.exit_code == 0 and again.stdout == f"{cfg.cache_path('val')}: holds maps already; nothing to fill\n"
 
 
 def fill_cli(exp, *args):

@@ -252,7 +252,6 @@ def test_the_dvc_stage_fits_into_its_declared_outputs_and_a_new_seed_runs_only_t
     from pipeline.config import load_config
     from pipeline.fit import plan_fit
     from pipeline.grid import done_score
-    from stages import fit as stage
 
     cfg = cached_demo()
     shutil.copytree("configs", tmp_path / "configs")
@@ -262,8 +261,10 @@ def test_the_dvc_stage_fits_into_its_declared_outputs_and_a_new_seed_runs_only_t
     def stage_run(seeds):
         (tmp_path / "params.yaml").write_text(yaml.safe_dump({"fit": {"device": "cpu", "overrides": overrides,
                                                                       "partitions": ["default"], "seeds": seeds}}))
-        stage.main(["--config", "configs/demo_cls_exp.yaml", "--fuser", "gw", "--out", "experiments/demo-landcover/gw",
-                    "--scores", "experiments/demo-landcover/gw-scores.json"])
+        result = CliRunner().invoke(app, ["fit", "configs/demo_cls_exp.yaml", "--fuser", "gw", "--out",
+                                          "experiments/demo-landcover/gw", "--scores",
+                                          "experiments/demo-landcover/gw-scores.json", "--params", "params.yaml"])
+        assert result.exit_code == 0, result.output
         return json.loads((tmp_path / "experiments/demo-landcover/gw-scores.json").read_text())
 
     monkeypatch.chdir(tmp_path)
@@ -288,20 +289,17 @@ def test_the_dvc_stage_fits_into_its_declared_outputs_and_a_new_seed_runs_only_t
     assert done_score(run42, plan_fit(same, "cpu").inputs) == first["default/seed42"]
 
 
-def test_the_dvc_stage_refuses_an_out_that_is_a_file_in_one_line(tmp_path, monkeypatch, capsys):
+def test_the_dvc_stage_refuses_an_out_that_is_a_file_in_one_line(tmp_path, monkeypatch):
     import yaml
-
-    from stages import fit as stage
-    from stages import run
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"fit": {"device": "cpu"}}))
     (tmp_path / "taken").write_text("x")
     config = str(Path("configs/demo_cls_exp.yaml").resolve())
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_:
-        run(lambda: stage.main(["--config", config, "--fuser", "gw", "--out", "taken", "--scores", "s.json"]))
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.count("\n") == 1
+    result = CliRunner().invoke(app, ["fit", config, "--fuser", "gw", "--out", "taken", "--scores", "s.json",
+                                      "--params", "params.yaml"])
+    err = result.stderr
+    assert result.exit_code == 2 and err.count("\n") == 1 and not (tmp_path / "s.json").exists()
     assert err.startswith(f"error: --out {tmp_path / 'taken/default/seed42'} would be inside {tmp_path / 'taken'}, "
                           "which is a file")
 
@@ -544,7 +542,7 @@ def test_partition_errors_are_one_line(cached_demo, demo_root, tmp_path):
     }
     runner = CliRunner()
     for partition, message in cases.items():
-        result = runner.invoke(app, ["fit", "configs/demo_cls_exp.yaml", "--partition", partition,
+        result = CliRunner().invoke(app, ["fit", "configs/demo_cls_exp.yaml", "--partition", partition,
                                      "--out", str(tmp_path / partition), *common])
         assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
         assert re.match(message, result.output), result.output

@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_the_fit_stage_depends_on_the_code_whose_digest_decides_a_run_and_on_its_own_params_only():
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["fit"]
     code = {d for d in stage["deps"] if d.startswith("pipeline/")}
-    assert code - set(FIT_CODE) == {"pipeline/grid.py"} and set(FIT_CODE) <= code  # grid.py skips; it decides nothing
+    # grid.py skips runs and params.py reads the section: they decide nothing of a run
+    assert code - set(FIT_CODE) == {"pipeline/grid.py", "pipeline/params.py"} and set(FIT_CODE) <= code
+    assert {"cli.py", "pipeline/params.py"} <= set(stage["deps"]) and not any("stages" in d for d in stage["deps"])
     assert stage["params"] == ["fit.partitions", "fit.seeds", "fit.overrides", "fit.device"]
     defaults = yaml.safe_load((REPO / "params.yaml").read_text())["fit"]
     assert (defaults["partitions"], defaults["seeds"]) == (["default"], [42])  # the demo's repro stays one run per stage

@@ -100,7 +100,7 @@ def test_segmentation_run_states_grid_and_pixels(demo_caches, tmp_path):
 
 def test_errors_name_the_input_and_the_fix(demo_caches, tmp_path):
     cache_dir, task_dir = demo_caches["demo_cls"]
-    with pytest.raises(ProbeError, match=r"--cache .*nothing.*"):
+    with pytest.raises(ProbeError, match=r"nothing: .*"):
         open_task_caches(tmp_path / "nothing")
     with pytest.raises(ProbeError, match="needs the task's GEO-Bench folder; pass --geobench-dir"):
         run_probe(cache_dir, tmp_path / "out", FAST, None, ["0.10x_train"])
@@ -145,11 +145,13 @@ def test_a_probe_on_a_cache_with_a_missing_or_corrupt_pooled_chunk_stops_with_on
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
     out = tmp_path / "out"
-    corrupt = CliRunner().invoke(app, ["probe", "--cache", str(cache_dir), "--out", str(out), "--set", "c_grid=[1.0]"])
+    corrupt = CliRunner().invoke(app, ["probe", "--cache-dir", str(tmp_path), "--dataset", "cache", "--out", str(out),
+                                       "--set", "c_grid=[1.0]"])
     assert corrupt.exit_code == 2 and corrupt.output.count("\n") == 1, corrupt.output
     assert "array pooled/t45/up_blocks_2_attn1_1, rows 8-15: cannot be read" in corrupt.output
     chunk.unlink()
-    missing = CliRunner().invoke(app, ["probe", "--cache", str(cache_dir), "--out", str(out), "--set", "c_grid=[1.0]"])
+    missing = CliRunner().invoke(app, ["probe", "--cache-dir", str(tmp_path), "--dataset", "cache", "--out", str(out),
+                                       "--set", "c_grid=[1.0]"])
     assert missing.exit_code == 2 and "rows 8-15: its stored object pooled/t45/up_blocks_2_attn1_1/c/1/0 is " \
         "missing; run `satdifuser cache verify" in missing.output
     assert not (out / "metrics.json").exists()
@@ -186,9 +188,9 @@ def test_a_single_class_training_split_stops_the_map_in_one_line(tmp_path):
         write_synthetic_cache(str(tmp_path / "cache" / f"{split}.zarr"), labels, ("t47",), {"a": (4, 2, 2)},
                               num_classes=2, shard_size=4, split=split)
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["probe", "--cache", str(tmp_path / "cache"), "--out", str(out)])
+    result = CliRunner().invoke(app, ["probe", "--cache-dir", str(tmp_path), "--dataset", "cache", "--out", str(out)])
     assert result.exit_code == 2 and result.output == (
-        f"error: --cache {tmp_path / 'cache'}: every training image probed is of class 1, and a probe needs at least "
+        f"error: {tmp_path / 'cache'}: every training image probed is of class 1, and a probe needs at least "
         "2 classes to learn from; extract a training split (or partition) that holds more than one class\n")
     assert not out.exists()
 
@@ -198,8 +200,9 @@ def test_the_probe_stage_on_a_task_without_fraction_partitions_writes_the_map_an
     import shutil
 
     import yaml
+    from typer.testing import CliRunner
 
-    from stages import probe as stage
+    from cli import app
 
     cache_dir, task_dir = demo_caches["demo_cls"]
     root = tmp_path / "geobench"
@@ -210,7 +213,10 @@ def test_the_probe_stage_on_a_task_without_fraction_partitions_writes_the_map_an
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"probe": {"partitions": "all", "seeds": 1, "settings": {
         "c_grid": [0.1, 1.0], "n_jobs": 2, "max_iter": 100}}}))
     monkeypatch.chdir(tmp_path)
-    stage.main(["--cache", cache_dir, "--out", "probes", "--geobench-dir", str(root)])
+    result = CliRunner().invoke(app, ["probe", "--cache-dir", str(Path(cache_dir).parent), "--dataset",
+                                      Path(cache_dir).name, "--out", "probes", "--geobench-dir", str(root),
+                                      "--params", "params.yaml"])
+    assert result.exit_code == 0, result.output
     note = f"{copy} has no '<f>x_train' partitions: no label-efficiency curve"
     assert f"{note}; probing the map only" in caplog.text
     with open(tmp_path / "probes" / "label_efficiency.csv") as f:

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import yaml
 from scipy.stats import trim_mean
+from typer.testing import CliRunner
 
+from cli import app
 from pipeline.aggregate import Bootstrap
 from pipeline.config import ConfigError
 from pipeline.errors import UserError
 from pipeline.report import Grid, Leaderboard, write_report
 from pipeline.synthetic import write_synthetic_cache
-from stages import report as stage
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOT = Bootstrap(resamples=200, seed=0)
@@ -118,18 +119,19 @@ def test_a_named_run_that_is_missing_is_one_line_naming_it_and_nothing_is_writte
         report(tmp_path, grid)
 
 
-def test_the_stage_reads_params_yaml_and_prints_one_line_for_a_missing_run(tmp_path, monkeypatch, capsys):
+def test_the_stage_reads_params_yaml_and_prints_one_line_for_a_missing_run(tmp_path, monkeypatch):
     p = params(seeds=[1, 2])
     make_grid(tmp_path, p)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({**p, "report": {"bootstrap": {"resamples": 100}}}))
     monkeypatch.chdir(tmp_path)
-    stage.main()
-    assert capsys.readouterr().out.startswith("reports: 8 fits;")
+    result = CliRunner().invoke(app, ["report", "--params", "params.yaml"])
+    assert result.exit_code == 0 and result.stdout.startswith("reports: 8 fits;"), result.output
     assert (tmp_path / "leaderboard" / "results_and_parameters.csv").is_file()
     p["fit"]["seeds"] = [1, 2, 5]  # a seed added to params.yaml and not yet run
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "stages.report"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), "report", "--params", "params.yaml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr == ("error: experiments/toy/gw/default/seed5: no metrics.json for the run toy x gw x default x "
                            "seed 5 that params.yaml names and 3 more; make the runs with `dvc repro`\n")

@@ -1,5 +1,5 @@
 """Sharing caches through a DVC remote: one clone extracts and pushes, a second pulls and goes
-straight to fitting. Runs the real stage modules in a small DVC project made here."""
+straight to fitting. Runs the real `satdifuser` commands in a small DVC project made here."""
 
 import json
 import os
@@ -33,10 +33,10 @@ def make_project(root: Path, demo_root, tiny_backbone) -> None:
                                                       "fit": {"device": "cpu", "overrides": {}}}))
     splits = ["train", "val", "test"]
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
-        "extract": {"matrix": {"split": splits}, "cmd": "python -m stages.extract --config exp.yaml --split ${item.split}",
+        "extract": {"matrix": {"split": splits}, "cmd": "satdifuser extract exp.yaml --split ${item.split} --params params.yaml",
                     "deps": ["exp.yaml"], "params": ["extract"],
                     "outs": [{"cache/demo-landcover/${item.split}.zarr": {"persist": True}}]},
-        "fit": {"cmd": "python -m stages.fit --config exp.yaml --fuser gw --out out/gw --scores out/gw-scores.json",
+        "fit": {"cmd": "satdifuser fit exp.yaml --fuser gw --out out/gw --scores out/gw-scores.json --params params.yaml",
                 "deps": ["exp.yaml"] + [f"cache/demo-landcover/{s}.zarr" for s in splits], "params": ["fit"],
                 "outs": [{"out/gw": {"persist": True}}], "metrics": [{"out/gw-scores.json": {"cache": False}}]},
     }}, sort_keys=False))
