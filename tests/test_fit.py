@@ -181,9 +181,10 @@ def test_a_killed_fit_leaves_the_old_output_and_resumes_to_equal_an_uninterrupte
     old = fit(old_cfg, out, progress=False)
     (out / ".gitignore").write_text("/model\n/plots\n")  # as DVC leaves it, tracked by git
     before = tree(out)
-    # A slow fit: two images per step, a validation after each, so that it is stopped in its second epoch.
+    # A slow fit: two images per step, a validation after each, and epochs enough that it is still
+    # training when the signal comes, also on a loaded machine where the test sees the state late.
     slow = cached_demo(fuser="gw", seed=1, batch_size=2, eval_every_n_steps=1, early_stopping_patience=1000,
-                       max_train_epochs=2)
+                       max_train_epochs=6)
 
     stderr = stop_after_first_epoch(cli_fit(slow, out), partial, signal.SIGINT)
     assert (f"fit stopped (KeyboardInterrupt): nothing at {out} was changed; the partial output is in {partial} "
@@ -201,7 +202,7 @@ def test_a_killed_fit_leaves_the_old_output_and_resumes_to_equal_an_uninterrupte
 
     import torch
 
-    assert torch.load(partial / "training_state.pt", weights_only=True)["epoch"] == 1
+    assert 1 <= torch.load(partial / "training_state.pt", weights_only=True)["epoch"] < 6  # stopped mid-fit
     resumed = fit(dataclasses.replace(slow, resume_from=str(partial)), out, progress=False)
     whole = fit(slow, tmp_path / "whole", progress=False)
     for key in ("val", "test", "best_step", "epochs_run", "train_images_seen", "ledger"):
