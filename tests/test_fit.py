@@ -156,7 +156,18 @@ def cli_fit(cfg, out):
     values = [f"{k}={flow(v)}" for k, v in dataclasses.asdict(cfg).items() if k != "config_file"]
     args = [sys.executable, "-m", "cli", "fit", cfg.config_file, "--out", str(out), "--no-progress"]
     return subprocess.Popen(args + [a for v in values for a in ("--set", v)], cwd=repo, text=True,
-                            env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_interruptible)
+
+
+def _interruptible() -> None:
+    """In the child before it starts: SIGINT as a terminal delivers it (Python then raises
+    KeyboardInterrupt), whatever the test process inherited or set. A child inherits ignored
+    signals and the signal mask, and in a full test run the fit was seen to ignore SIGINT."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def stop_after_first_epoch(proc, partial, sig):
