@@ -227,9 +227,9 @@ def extract(
     With --params (the DVC stage): the section `extract` (device, overrides), a cache built with
     other settings is replaced, the cache must be where dvc.yaml declares it, and no progress bar."""
     from pipeline.config import load_config
-    from pipeline.distributed import RankExtraction, Ranks, launch, strip_nproc
     from pipeline.errors import UserError
-    from pipeline.extract import Extraction, rate_text
+    from pipeline.extract.distributed import RankExtraction, Ranks, launch, strip_nproc
+    from pipeline.extract.run import Extraction, rate_text
     from pipeline.params import check_declared_output, read_params, section
 
     ranks = Ranks.from_env()
@@ -277,7 +277,7 @@ def echo_fill(result) -> None:
     if not result.added:
         typer.echo(f"{result.path}: holds {','.join(result.already)} already; nothing to fill")
         return
-    from pipeline.extract import rate_text
+    from pipeline.extract.run import rate_text
 
     done = f"{result.filled} filled, {result.unet_passes} UNet passes, {rate_text(result.filled, result.seconds)}" \
         if result.filled else "every shard was filled before"
@@ -334,7 +334,7 @@ def fit(
 
 def fit_one(config, fuser, partition, seed, out, overrides, device, source, progress) -> dict[str, float]:
     from pipeline.config import load_config
-    from pipeline.fit import fit as run_fit
+    from pipeline.fit.run import fit as run_fit
 
     named = {"fuser": fuser and fuser.value, "train_partition": partition, "seed": seed}
     cfg = load_config(config, {**overrides, **{k: v for k, v in named.items() if v is not None}})
@@ -351,7 +351,7 @@ def fit_runs(config, params, fuser, partition, seed, out, overrides, device, sou
     """The grid of the params file's fit section, as the DVC stage runs it."""
     from pipeline.config import load_config
     from pipeline.errors import UserError
-    from pipeline.grid import fit_grid
+    from pipeline.fit.grid import fit_grid
     from pipeline.params import section
 
     p = section(params, "fit")
@@ -380,7 +380,7 @@ def evaluate(
 ):
     """Evaluate a saved model on a split's cache and print the metrics as JSON."""
     from pipeline.config import load_config
-    from pipeline.fit import evaluate_saved
+    from pipeline.fit.run import evaluate_saved
 
     cfg = load_config(config, config_overrides(set_, cache_dir, geobench_dir, backbone))
     metrics = evaluate_saved(cfg, model, split.value, cache_dir, device)
@@ -410,7 +410,7 @@ def import_reference(
 def task_folder(cache_dir: str, dataset: str) -> str:
     """``<cache_dir>/<dataset>``, which must hold the task's caches (a URL is checked when opened)."""
     from pipeline.cache.store import is_url
-    from pipeline.probe import ProbeError
+    from pipeline.probe.map import ProbeError
 
     folder = f"{cache_dir.rstrip('/')}/{dataset}"
     if is_url(folder) or Path(folder).is_dir():
@@ -454,8 +454,8 @@ def probe(
     from pipeline.cluster import CONNECT_TIMEOUT
     from pipeline.outputs import output_folder
     from pipeline.params import section
-    from pipeline.probe import ProbeError, ProbeSettings
-    from pipeline.probing import TaskInfo, open_task_caches, run_probe
+    from pipeline.probe.map import ProbeError, ProbeSettings
+    from pipeline.probe.run import TaskInfo, open_task_caches, run_probe
 
     p = section(params, "probe") if params else {}
     values = dict(p.get("settings") or {})
@@ -502,9 +502,9 @@ def report(
 
     The grid is tasks x fit.fusers x fit.partitions x fit.seeds (only those runs); the section
     `report` sets the folders (out, leaderboard.out), the bootstrap and the leaderboard's fields."""
-    from pipeline.aggregate import Bootstrap
     from pipeline.params import read_params, report_out, section
-    from pipeline.report import Grid, Leaderboard, write_report
+    from pipeline.report.aggregate import Bootstrap
+    from pipeline.report.run import Grid, Leaderboard, write_report
 
     data = read_params(params)
     p = section(params, "report", data)

@@ -77,9 +77,9 @@ def synthetic_real_size(n: int) -> str:
     import torch
 
     from pipeline.backbone.demo import SD21_UNET_CONFIG
-    from pipeline.backbone.extractor import DEFAULT_LAYER_IDXS, layer_shapes
     from pipeline.backbone.layers import select_layers
     from pipeline.backbone.sat_unet import SatUNet
+    from pipeline.extract.extractor import DEFAULT_LAYER_IDXS, layer_shapes
     from pipeline.synthetic import write_synthetic_cache
 
     with torch.device("meta"):

@@ -70,10 +70,10 @@ def error(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 def extract(full_size: bool, img_size: int, images: int, folder: Path):
     from pipeline.backbone.demo import build_demo_backbone
-    from pipeline.backbone.extractor import ExtractionSettings, FeatureExtractor
     from pipeline.backbone.loader import BackboneSpec, load_diffusionsat
     from pipeline.data.demo import DEMO_CLS_TASK, DEMO_SEG_TASK, build_demo_tasks
     from pipeline.data.geobench_task import GeoBenchSplit, TaskSource, collate
+    from pipeline.extract.extractor import ExtractionSettings, FeatureExtractor
 
     build_demo_tasks(folder / "geobench", block_patches=2, max_grid=(6, 6))
     build_demo_backbone(folder / "backbone", img_size=img_size, full_size=full_size, with_metadata=False)

@@ -58,7 +58,7 @@ def main() -> None:
 
 def extract_demo(folder: str) -> str:
     from pipeline.config import load_config
-    from pipeline.extract import Extraction
+    from pipeline.extract.run import Extraction
 
     cfg = load_config("configs/demo_cls_exp.yaml", {**demo_paths(), "cache_dir": folder})
     return Extraction(cfg, "cpu").run("train", progress=False).path

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _demo import demo_paths  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.extract import Extraction, rate_text  # noqa: E402
+from pipeline.extract.run import Extraction, rate_text  # noqa: E402
 
 
 def main() -> None:

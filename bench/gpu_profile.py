@@ -40,11 +40,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _demo import demo_paths  # noqa: E402
 
 from pipeline.backbone.demo import build_demo_backbone  # noqa: E402
-from pipeline.backbone.extractor import ExtractionSettings, FeatureExtractor  # noqa: E402
 from pipeline.backbone.loader import BackboneSpec, load_diffusionsat  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.extract import Extraction  # noqa: E402
-from pipeline.fit import fit  # noqa: E402
+from pipeline.extract.extractor import ExtractionSettings, FeatureExtractor  # noqa: E402
+from pipeline.extract.run import Extraction  # noqa: E402
+from pipeline.fit.run import fit  # noqa: E402
 
 
 class Profile:

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _demo import demo_paths  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.extract import Extraction  # noqa: E402
-from pipeline.fit import fit  # noqa: E402
+from pipeline.extract.run import Extraction  # noqa: E402
+from pipeline.fit.run import fit  # noqa: E402
 
 
 def main() -> None:

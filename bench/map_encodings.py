@@ -43,7 +43,7 @@ def activations(cfg, n: int) -> tuple[dict, dict]:
     import numpy as np
 
     from pipeline.data.geobench_task import GeoBenchSplit, collate
-    from pipeline.extract import Extraction
+    from pipeline.extract.run import Extraction
 
     extraction = Extraction(cfg)
     dataset = GeoBenchSplit(extraction.source, "val")
@@ -146,10 +146,10 @@ def transcode(exact_dir: Path, out_dir: Path, encoding: str) -> None:
 
 
 def metric_deltas(encodings: list[str]) -> None:
-    from pipeline.extract import Extraction
-    from pipeline.fit import fit
-    from pipeline.probe import ProbeSettings
-    from pipeline.probing import run_probe
+    from pipeline.extract.run import Extraction
+    from pipeline.fit.run import fit
+    from pipeline.probe.map import ProbeSettings
+    from pipeline.probe.run import run_probe
 
     paths = demo_paths()
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from pipeline.backbone.demo import SD21_UNET_CONFIG
-from pipeline.backbone.extractor import DEFAULT_LAYER_IDXS, layer_shapes
 from pipeline.backbone.layers import select_layers
 from pipeline.backbone.sat_unet import SatUNet
 from pipeline.cache.reader import open_cache
-from pipeline.probe import ALL, ProbeSettings, probe_map
+from pipeline.extract.extractor import DEFAULT_LAYER_IDXS, layer_shapes
+from pipeline.probe.map import ALL, ProbeSettings, probe_map
 from pipeline.synthetic import write_synthetic_cache
 
 TIMESTEPS = ("t47", "t45", "t40")

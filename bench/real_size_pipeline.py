@@ -246,20 +246,20 @@ def cache_stage(stages: Stages, task: str, dataset: str, cache: Path, kind: str 
 def synthetic_cache(model_store: str, store: str, images: int) -> None:
     """A cache of ``images`` images shaped and described like ``model_store`` (a real cache of the
     same task), with random features and labels, written by extraction's own loop
-    (``pipeline.extract._run``: batches gathered into shards, one shard written in the background
+    (``pipeline.extract.run._run``: batches gathered into shards, one shard written in the background
     while the next is computed). Fits and probes accept it as the task's cache, so their memory at
     the reference's batch sizes, and the extraction's at its shard size, are measured in minutes
     instead of the hours the backbone would take on this CPU. Its numbers mean nothing."""
     import numpy as np
     import torch
 
-    from pipeline.backbone.extractor import BatchFeatures
     from pipeline.cache.layout import CachePlan
     from pipeline.cache.lock import WriterLock
     from pipeline.cache.reader import open_cache
     from pipeline.cache.writer import CacheWriter
     from pipeline.config import Config
-    from pipeline.extract import _run
+    from pipeline.extract.extractor import BatchFeatures
+    from pipeline.extract.run import _run
 
     model = open_cache(model_store)
     plan = CachePlan.from_attrs({**model.plan.to_attrs(), "num_samples": images})

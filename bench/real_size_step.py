@@ -35,9 +35,9 @@ def main() -> None:
     from diffusers import AutoencoderKL
 
     from pipeline.backbone.demo import SD21_UNET_CONFIG, tiny_vae_config
-    from pipeline.backbone.extractor import DEFAULT_LAYER_IDXS, layer_shapes
     from pipeline.backbone.layers import ForwardStopped, capture, select_layers
     from pipeline.backbone.sat_unet import SatUNet
+    from pipeline.extract.extractor import DEFAULT_LAYER_IDXS, layer_shapes
     from pipeline.model import FusionModel, ModelConfig
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

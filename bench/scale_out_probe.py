@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.cache.reader import open_cache
 from pipeline.cluster import connect
-from pipeline.probe import Probe, ProbeSettings
+from pipeline.probe.map import Probe, ProbeSettings
 from pipeline.synthetic import write_synthetic_cache
 
 TIMESTEPS = ("t47", "t45", "t40")

@@ -30,8 +30,8 @@ def child(partition: str, device: str) -> None:
     from _demo import demo_paths
 
     from pipeline.config import load_config
-    from pipeline.extract import Extraction
-    from pipeline.fit import fit
+    from pipeline.extract.run import Extraction
+    from pipeline.fit.run import fit
 
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:

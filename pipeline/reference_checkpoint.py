@@ -135,8 +135,8 @@ def _differences(settings: dict, cfg: Config) -> list[str]:
 def import_reference(checkpoint: str | Path, cfg: Config, out: str | Path, cache_dir: str | None = None) -> Path:
     """Save the reference's decoder in ``checkpoint`` as a model folder ``out`` for ``cfg``'s caches."""
     from .cache.reader import open_cache
-    from .fit import expected_request
-    from .train import feature_selection, model_config
+    from .fit.loop import feature_selection, model_config
+    from .fit.run import expected_request
 
     weights, settings = read_checkpoint(checkpoint)
     if not settings:

@@ -79,7 +79,7 @@ def multilabel_root(tmp_path_factory):
 def cached_demo(demo_root, tiny_backbone, tmp_path_factory):
     """Caches of every split of both tiny demo tasks (extracted once), and a config maker for fits."""
     from pipeline.config import load_config
-    from pipeline.extract import Extraction
+    from pipeline.extract.run import Extraction
 
     cache_dir = tmp_path_factory.mktemp("cache")
     base = {

@@ -4,9 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.aggregate import Bootstrap, normalise, read_normalizer, seed_summary, stratified_iqm
 from pipeline.config import ConfigError
 from pipeline.errors import UserError
+from pipeline.report.aggregate import Bootstrap, normalise, read_normalizer, seed_summary, stratified_iqm
 
 BOOT = Bootstrap(resamples=2000, seed=3)
 

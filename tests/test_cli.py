@@ -382,7 +382,7 @@ def test_info_lines_show_by_default_and_quiet_silences_them(synthetic_task, tmp_
             "--set", "c_grid=[1.0]"]
     loud = runner.invoke(app, [*base, "--out", str(tmp_path / "loud")])
     assert loud.exit_code == 0, loud.output
-    assert f"INFO pipeline.probing: probe map of {synthetic_task.parent / 'task'}: " in loud.stderr
+    assert f"INFO pipeline.probe.run: probe map of {synthetic_task.parent / 'task'}: " in loud.stderr
     quiet = runner.invoke(app, ["-q", *base, "--out", str(tmp_path / "quiet")])
     assert quiet.exit_code == 0 and "INFO" not in quiet.output and quiet.stderr == ""
     assert "best_layer: t40 up_blocks_2_conv2_0" in quiet.stdout  # results still print

@@ -6,8 +6,8 @@ import pytest
 
 from pipeline.cache.layout import pooled_path
 from pipeline.cache.store import CacheError
-from pipeline.probe import Probe, ProbeSettings
-from pipeline.probing import TaskInfo, open_task_caches, run_probe
+from pipeline.probe.map import Probe, ProbeSettings
+from pipeline.probe.run import TaskInfo, open_task_caches, run_probe
 
 FAST = ProbeSettings(c_grid=(0.1, 1.0), n_jobs=2, max_iter=100, seg_pixels=8)
 

@@ -13,9 +13,9 @@ import yaml
 
 from pipeline.cache.reader import open_cache
 from pipeline.config import load_config
-from pipeline.distributed import Ranks, rank_device, setting_differences, shared_devices, strip_nproc
 from pipeline.errors import UserError
-from pipeline.extract import Extraction
+from pipeline.extract.distributed import Ranks, rank_device, setting_differences, shared_devices, strip_nproc
+from pipeline.extract.run import Extraction
 
 from zarr_arrays import all_arrays
 

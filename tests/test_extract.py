@@ -3,14 +3,14 @@ import pytest
 import torch
 import zarr
 
-from pipeline.backbone.extractor import FeatureExtractor, seeded_normal
 from pipeline.backbone.loader import load_diffusionsat
 from pipeline.cache.audit import verify_cache
 from pipeline.cache.reader import open_cache
 from pipeline.cache.store import CacheError
 from pipeline.cache.writer import CacheWriter
 from pipeline.data.geobench_task import GeoBenchSplit, TaskSource
-from pipeline.extract import backbone_spec, extract_split, extraction_settings
+from pipeline.extract.extractor import FeatureExtractor, seeded_normal
+from pipeline.extract.run import backbone_spec, extract_split, extraction_settings
 
 from zarr_arrays import all_arrays
 
@@ -227,7 +227,7 @@ def test_a_done_shard_whose_files_are_gone_is_extracted_again(make_config, tmp_p
 def test_repair_re_extracts_the_shards_verify_finds_damaged(make_config):
     from pathlib import Path
 
-    from pipeline.extract import Extraction
+    from pipeline.extract.run import Extraction
 
     cfg = make_config(layer_idxs=FEW)
     path = extract_split(cfg, "train", progress=False).path
@@ -273,7 +273,7 @@ import os, signal, sys
 import zarr
 from pipeline.cache.writer import CacheWriter
 from pipeline.config import load_config
-from pipeline.extract import Extraction
+from pipeline.extract.run import Extraction
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -294,7 +294,7 @@ def test_a_killed_overwrite_never_leaves_a_store_that_claims_to_be_complete(writ
     import sys
 
     from pipeline.config import load_config
-    from pipeline.extract import Extraction
+    from pipeline.extract.run import Extraction
 
     old_exp = write_exp("old.yaml", layer_idxs=FEW)
     new_exp = write_exp("new.yaml", layer_idxs=FEW, prompt="A satellite image of farms")
@@ -341,7 +341,7 @@ def test_the_dvc_stage_refuses_a_task_entry_whose_dataset_is_not_the_configs(tmp
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_cuda_device_the_machine_lacks_is_refused():
     from pipeline.config import ConfigError
-    from pipeline.extract import resolve_device
+    from pipeline.extract.run import resolve_device
 
     n = torch.cuda.device_count()
     with pytest.raises(ConfigError, match=rf"^device 'cuda:{n}' was asked for but this machine has {n} CUDA device\(s\), "
@@ -446,7 +446,7 @@ def test_asking_for_a_tier_the_cache_lacks_is_one_line_with_the_fix(make_config)
 
 
 def test_the_default_request_is_the_one_caches_were_built_with(make_config):
-    from pipeline.extract import Extraction, extraction_request
+    from pipeline.extract.run import Extraction, extraction_request
 
     extraction = Extraction(make_config())
     request = extraction_request(make_config(), extraction.schedule, extraction.device)
@@ -496,15 +496,15 @@ def test_num_workers_above_the_cores_is_capped_and_said(caplog):
     import logging
     import os
 
-    from pipeline.extract import loader_workers, usable_cores
+    from pipeline.extract.run import loader_workers, usable_cores
 
     cores = len(os.sched_getaffinity(0))
     assert usable_cores() == cores
-    with caplog.at_level(logging.WARNING, logger="pipeline.extract"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.extract.run"):
         assert loader_workers(cores + 3) == cores
     assert f"num_workers {cores + 3} is more than the {cores} CPU core(s)" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.extract"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.extract.run"):
         assert loader_workers(cores) == cores and loader_workers(0) == 0
     assert not caplog.text
 
@@ -513,16 +513,16 @@ def test_extraction_with_more_workers_than_cores_runs(make_config, tmp_path, cap
     import logging
     import os
 
-    from pipeline.extract import Extraction
+    from pipeline.extract.run import Extraction
 
     cfg = make_config(num_workers=len(os.sched_getaffinity(0)) + 2)
-    with caplog.at_level(logging.WARNING, logger="pipeline.extract"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.extract.run"):
         result = Extraction(cfg).run("val", progress=False)
     assert result.extracted == 8 and "using" in caplog.text
 
 
 def test_rate_never_reads_zero():
-    from pipeline.extract import rate_text
+    from pipeline.extract.run import rate_text
 
     assert rate_text(5, 115.0) == "23.0 s/img"  # 0.04 img/s
     assert rate_text(100, 10.0) == "10.0 img/s"

@@ -19,7 +19,7 @@ from pipeline.cache.store import CacheError, CacheMismatch
 from pipeline.cache.writer import FILL_DONE, FILL_KEY, CacheWriter
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.extract import Extraction
+from pipeline.extract.run import Extraction
 
 from zarr_arrays import all_arrays
 
@@ -28,7 +28,7 @@ FEW = {"up_blocks": {"attn1": [[1, 0]], "conv2": [[3, 2]]}}  # two layers keep t
 
 def assert_same_arrays(direct: str, filled: str) -> None:
     """A filled cache holds what a direct extraction does: the same arrays, maps within float16 rounding
-    (kernels round by memory layout, see pipeline.fill) widened for lossy maps by their recorded error,
+    (kernels round by memory layout, see pipeline.extract.fill) widened for lossy maps by their recorded error,
     pooled vectors within float32 rounding, everything else bit for bit."""
     a, b = all_arrays(direct), all_arrays(filled)
     assert sorted(a) == sorted(b)
@@ -67,7 +67,7 @@ def trajectory_and_direct(make_config, tmp_path, split="val", **overrides):
 
 @pytest.mark.parametrize("encoding", ["float16", "uint8"])
 def test_filled_maps_and_pooled_vectors_are_those_of_a_direct_extraction(make_config, tmp_path, monkeypatch, encoding):
-    from pipeline.backbone.extractor import FeatureExtractor
+    from pipeline.extract.extractor import FeatureExtractor
 
     extraction, direct = trajectory_and_direct(make_config, tmp_path, map_encoding=encoding)
     path = extraction.cfg.cache_path("val")
@@ -127,7 +127,7 @@ KILL_AFTER_ONE_SHARD = """
 import os, signal, sys
 from pipeline.cache.writer import FILL_DONE, CacheWriter
 from pipeline.config import load_config
-from pipeline.extract import Extraction
+from pipeline.extract.run import Extraction
 
 write = CacheWriter.write_shard
 
@@ -193,7 +193,7 @@ def test_a_filled_shard_whose_files_are_gone_is_filled_again(make_config, tmp_pa
 
 
 def test_a_fit_from_filled_maps_equals_a_fit_from_extracted_maps(cached_demo, tmp_path):
-    from pipeline.fit import fit
+    from pipeline.fit.run import fit
 
     cfg = cached_demo(fuser="gw", max_train_epochs=1)
     traj = cached_demo(fuser="gw", max_train_epochs=1, cache_dir=str(tmp_path / "cache"), store=["trajectory"])

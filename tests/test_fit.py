@@ -9,7 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.fit import (
+from pipeline.fit.loop import feature_selection
+from pipeline.fit.run import (
     cached_splits,
     evaluate_saved,
     fit,
@@ -19,7 +20,6 @@ from pipeline.fit import (
     trajectory_splits,
 )
 from pipeline.model import FusionModel
-from pipeline.train import feature_selection
 
 
 @pytest.mark.parametrize("exp, fuser, metric", [("demo_cls", "lw", "accuracy"), ("demo_seg", "moe", "miou")])
@@ -54,7 +54,7 @@ def test_the_reference_ledger_counts_the_passes_of_the_fits_own_timesteps(cached
 
 
 def test_live_ledger_counts_every_image_through_the_backbone(cached_demo, tmp_path, monkeypatch):
-    from pipeline.backbone.extractor import FeatureExtractor
+    from pipeline.extract.extractor import FeatureExtractor
 
     seen = []
     original = FeatureExtractor.__call__
@@ -88,7 +88,7 @@ def test_cli_fit_and_evaluate(cached_demo, tmp_path):
 
 
 def test_multi_label_fit_uses_bce_and_micro_f1(cached_demo, multilabel_root, tmp_path):
-    from pipeline.extract import Extraction
+    from pipeline.extract.run import Extraction
 
     root, _ = multilabel_root
     cfg = cached_demo(geobench_dir=str(root), dataset_name="toy-multilabel", task="multi_label_classification",
@@ -262,8 +262,8 @@ def test_the_dvc_stage_fits_into_its_declared_outputs_and_a_new_seed_runs_only_t
     import yaml
 
     from pipeline.config import load_config
-    from pipeline.fit import plan_fit
-    from pipeline.grid import done_score
+    from pipeline.fit.grid import done_score
+    from pipeline.fit.run import plan_fit
 
     cfg = cached_demo()
     shutil.copytree("configs", tmp_path / "configs")
@@ -355,7 +355,7 @@ def assert_within_float16_rounding(actual, expected):
 
 
 def test_trajectory_batches_are_the_cached_batches_recomputed(cached_demo):
-    from pipeline.fit import trajectory_splits
+    from pipeline.fit.run import trajectory_splits
 
     # Shard buffers and limited_label rows: the cached batches' order is the least obvious there.
     cfg = cached_demo(fuser="gw", shuffle_buffer_shards=2, limited_label=0.5, batch_size=3)
@@ -381,7 +381,7 @@ def test_trajectory_batches_are_the_cached_batches_recomputed(cached_demo):
 
 @pytest.mark.parametrize("exp, fuser", [(exp, fuser) for exp in ("demo_cls", "demo_seg") for fuser in ("gw", "lw", "moe")])
 def test_a_fit_from_the_trajectory_equals_a_fit_from_the_maps(cached_demo, tmp_path, monkeypatch, exp, fuser):
-    from pipeline.backbone.extractor import FeatureExtractor
+    from pipeline.extract.extractor import FeatureExtractor
 
     cfg = cached_demo(exp, fuser=fuser, max_train_epochs=1, layer_idxs=NO_1X1)
     maps = fit(cfg, tmp_path / "maps", progress=False)  # the default source of a cache holding maps
@@ -437,7 +437,7 @@ def test_a_fit_from_the_trajectory_refuses_other_extraction_settings(cached_demo
 def extract_tiers(cached_demo, tmp_path, store, **overrides):
     """Train, val and test caches holding ``store``."""
     from pipeline.cache.reader import open_cache
-    from pipeline.extract import Extraction
+    from pipeline.extract.run import Extraction
 
     cfg = cached_demo(cache_dir=str(tmp_path / "cache"), store=store, max_train_epochs=1, layer_idxs=NO_1X1,
                       **overrides)
@@ -511,7 +511,7 @@ def numbers_only(value) -> bool:
 
 def test_a_partition_fit_trains_on_exactly_its_samples_and_writes_numbers_and_metadata_apart(cached_demo, demo_root,
                                                                                            tmp_path):
-    from pipeline.fit import plan_fit
+    from pipeline.fit.run import plan_fit
 
     task_dir = Path(demo_root) / "classification_v1.0" / "demo-landcover"
     wanted = json.loads((task_dir / "0.20x_train_partition.json").read_text())["train"]

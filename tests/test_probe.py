@@ -4,7 +4,7 @@ import torch
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score, jaccard_score
 
 from pipeline.cache.reader import open_cache
-from pipeline.probe import (
+from pipeline.probe.map import (
     ALL,
     Cell,
     Probe,

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.probe import ProbeError, ProbeSettings
-from pipeline.probing import (
+from pipeline.probe.map import ProbeError, ProbeSettings
+from pipeline.probe.run import (
     PartitionError,
     TaskInfo,
     fraction,
@@ -121,10 +121,11 @@ def test_a_probe_run_never_loads_the_backbone(demo_caches, tmp_path):
 
     code = (
         "import sys\n"
-        "from pipeline.probe import ProbeSettings\n"
-        "from pipeline.probing import run_probe\n"
+        "from pipeline.probe.map import ProbeSettings\n"
+        "from pipeline.probe.run import run_probe\n"
         f"run_probe({demo_caches['demo_cls'][0]!r}, {str(tmp_path)!r}, ProbeSettings(c_grid=(1.0,), n_jobs=1))\n"
-        "print(sorted(m for m in sys.modules if m.startswith(('diffusers', 'transformers', 'pipeline.backbone'))))\n"
+        "backbone = ('diffusers', 'transformers', 'pipeline.backbone', 'pipeline.extract.extractor')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(backbone)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -159,7 +160,7 @@ def test_a_probe_on_a_cache_with_a_missing_or_corrupt_pooled_chunk_stops_with_on
 
 def test_a_pooled_only_cache_is_probed_end_to_end_and_a_segmentation_probe_asks_for_maps(make_config, tmp_path):
     from pipeline.cache.store import CacheError
-    from pipeline.extract import Extraction
+    from pipeline.extract.run import Extraction
 
     for exp in ("demo_cls", "demo_seg"):
         extraction = Extraction(make_config(exp, store=["pooled"], layer_idxs={"up_blocks": {"attn1": [[1, 0]],

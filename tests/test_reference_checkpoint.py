@@ -38,7 +38,7 @@ def save_reference(path, model: FusionModel, cfg, **config_changes) -> None:
 
 def trained_like(cfg) -> FusionModel:
     from pipeline.cache.reader import open_cache
-    from pipeline.train import feature_selection, model_config
+    from pipeline.fit.loop import feature_selection, model_config
 
     cache = open_cache(cfg.cache_path("train"))
     timesteps, layers = feature_selection(cfg, cache)
@@ -62,7 +62,7 @@ def test_the_config_of_a_real_omegaconf_checkpoint_is_read_without_omegaconf():
 
 @pytest.mark.parametrize("exp, fuser", [("demo_cls", "lw"), ("demo_seg", "moe"), ("demo_cls", "gw")])
 def test_an_imported_head_is_the_reference_decoder_and_evaluates(cached_demo, tmp_path, exp, fuser):
-    from pipeline.fit import evaluate_saved
+    from pipeline.fit.run import evaluate_saved
 
     # Two experts, both chosen: top-k routing never sends a single image to an expert, which the
     # GroupNorm of the tiny backbone's 1 x 1 maps could not normalise.

@@ -12,10 +12,10 @@ from scipy.stats import trim_mean
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.aggregate import Bootstrap
 from pipeline.config import ConfigError
 from pipeline.errors import UserError
-from pipeline.report import Grid, Leaderboard, write_report
+from pipeline.report.aggregate import Bootstrap
+from pipeline.report.run import Grid, Leaderboard, write_report
 from pipeline.synthetic import write_synthetic_cache
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from pipeline.fit import fit
+from pipeline.fit.resume import STATE_NAME, ResumeError, load_state
+from pipeline.fit.run import fit
 from pipeline.model import FusionModel
-from pipeline.resume import STATE_NAME, ResumeError, load_state
 
 NO_1X1 = {"up_blocks": {"attn1": "all", "conv2": []}}  # GroupNorm cannot normalise one routed 1 x 1 map
 
@@ -114,7 +114,7 @@ def test_changed_training_settings_are_allowed_and_logged(saved, tmp_path, caplo
     import logging
 
     cfg, run = saved
-    caplog.set_level(logging.WARNING, logger="pipeline.resume")
+    caplog.set_level(logging.WARNING, logger="pipeline.fit.resume")
     metrics = fit(dataclasses.replace(cfg, resume_from=str(run), max_train_epochs=2), tmp_path / "more", progress=False)
     assert metrics["epochs_run"] == 2
     assert "resuming with changed settings: max_train_epochs: state 1, this config 2" in caplog.text

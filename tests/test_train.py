@@ -8,9 +8,7 @@ from pipeline.backbone.layer_spec import LayerSpecError
 from pipeline.cache.batches import CacheBatches
 from pipeline.cache.reader import open_cache
 from pipeline.cache.store import CacheError
-from pipeline.fit import cached_splits, live_splits, open_split_caches, trajectory_splits
-from pipeline.model import FusionModel
-from pipeline.train import (
+from pipeline.fit.loop import (
     INIT_LR,
     WarmupCosine,
     criterion,
@@ -20,6 +18,8 @@ from pipeline.train import (
     to_device,
     train,
 )
+from pipeline.fit.run import cached_splits, live_splits, open_split_caches, trajectory_splits
+from pipeline.model import FusionModel
 
 
 def test_schedule_is_the_references_per_epoch_warmup_then_cosine():

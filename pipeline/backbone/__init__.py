@@ -1,1 +1,1 @@
-"""DiffusionSat: loading, layer hooks, inversion schedule and feature extraction."""
+"""DiffusionSat: loading, layer hooks and inversion schedule."""

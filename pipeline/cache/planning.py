@@ -132,11 +132,11 @@ def layer_shapes(cfg) -> dict:
     """(C, H, W) of every layer ``cfg.layer_idxs`` selects at ``cfg.img_size``, without weights."""
     import torch
 
-    from ..backbone.extractor import layer_shapes as traced_shapes
     from ..backbone.layers import select_layers
     from ..backbone.loader import read_model_configs
     from ..backbone.sat_unet import SatUNet
-    from ..extract import backbone_spec
+    from ..extract.extractor import layer_shapes as traced_shapes
+    from ..extract.run import backbone_spec
 
     unet_config, _ = read_model_configs(backbone_spec(cfg))
     config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
@@ -154,7 +154,7 @@ def layer_shapes(cfg) -> dict:
 def passes_per_epoch(cfg) -> dict[str, int]:
     """UNet passes per training image and epoch for each fit source, and the live source's VAE passes."""
     from ..backbone.loader import read_model_configs
-    from ..extract import backbone_spec
+    from ..extract.run import backbone_spec
 
     _, scheduler = read_model_configs(backbone_spec(cfg))
     schedule = Schedule.build(scheduler, cfg.num_timesteps, cfg.save_timesteps, cfg.diffusion_mode)

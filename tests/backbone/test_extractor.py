@@ -1,16 +1,16 @@
 import pytest
 import torch
 
-from pipeline.backbone.extractor import (
+from pipeline.backbone.layers import as_map, capture
+from pipeline.backbone.loader import BackboneSpec, load_diffusionsat
+from pipeline.backbone.schedule import ddim_scheduler
+from pipeline.extract.extractor import (
     LATENT_SCALE,
     ExtractionSettings,
     FeatureExtractor,
     sample_seed,
     seeded_normal,
 )
-from pipeline.backbone.layers import as_map, capture
-from pipeline.backbone.loader import BackboneSpec, load_diffusionsat
-from pipeline.backbone.schedule import ddim_scheduler
 
 SAVE = (47, 45, 40)
 

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from pipeline.backbone.demo import SD21_UNET_CONFIG, tiny_unet_config
-from pipeline.backbone.extractor import DEFAULT_LAYER_IDXS, layer_shapes
 from pipeline.backbone.layer_spec import LayerSpecError
 from pipeline.backbone.layers import as_map, capture, catalog, select_layers
 from pipeline.backbone.sat_unet import SatUNet
+from pipeline.extract.extractor import DEFAULT_LAYER_IDXS, layer_shapes
 
 
 @pytest.fixture(scope="module")

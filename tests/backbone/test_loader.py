@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from pipeline.backbone.demo import SD21_UNET_CONFIG, build_demo_backbone
-from pipeline.backbone.extractor import ExtractionSettings, FeatureExtractor
 from pipeline.backbone.loader import (
     BackboneError,
     BackboneSpec,
@@ -27,6 +26,7 @@ from pipeline.backbone.loader import (
 )
 from pipeline.backbone.sat_unet import SatUNet
 from pipeline.backbone.schedule import Schedule
+from pipeline.extract.extractor import ExtractionSettings, FeatureExtractor
 
 IMG = 64
 UNET_DIR = "checkpoint-150000/unet"

@@ -82,7 +82,7 @@ def test_a_folder_that_cannot_be_written_is_named(tmp_path, read_only):
 def test_two_extractions_with_one_config_do_the_work_once(write_exp, tmp_path):
     from pipeline.cache.reader import open_cache
     from pipeline.config import load_config
-    from pipeline.extract import Extraction
+    from pipeline.extract.run import Extraction
 
     exp = write_exp(layer_idxs={"up_blocks": {"attn1": [[1, 0]]}})
     cfg = load_config(exp)

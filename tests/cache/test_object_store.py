@@ -9,7 +9,7 @@ from pipeline.cache.audit import verify_cache
 from pipeline.cache.lock import CacheLocked, WriterLock
 from pipeline.cache.reader import open_cache
 from pipeline.cache.store import CacheError
-from pipeline.extract import Extraction
+from pipeline.extract.run import Extraction
 
 
 @pytest.fixture(scope="module")

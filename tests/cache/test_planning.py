@@ -22,7 +22,7 @@ from pipeline.cache.store import CacheError
 from pipeline.cache.writer import CacheWriter
 from pipeline.data.geobench_task import GeoBenchSplit, TaskSource
 from pipeline.errors import UserError
-from pipeline.extract import Extraction
+from pipeline.extract.run import Extraction
 
 
 def planned_and_real(cfg, split, tiers):

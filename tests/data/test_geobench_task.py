@@ -126,10 +126,10 @@ def test_v1_task_runs_extract_probe_fit(fake, tmp_path, tiny_backbone):
     import json
 
     from pipeline.cache.reader import open_cache
-    from pipeline.extract import Extraction
-    from pipeline.fit import fit
-    from pipeline.probe import ProbeSettings
-    from pipeline.probing import run_probe
+    from pipeline.extract.run import Extraction
+    from pipeline.fit.run import fit
+    from pipeline.probe.map import ProbeSettings
+    from pipeline.probe.run import run_probe
 
     root = tmp_path / "geobench"
     write_fake(root, fake)
@@ -162,7 +162,7 @@ CATTLE = next(f for f in FAKES if f.dataset == "mnz-cattle")
 
 
 def test_label_outside_num_classes_stops_extraction_naming_sample_and_value(tmp_path, tiny_backbone):
-    from pipeline.extract import Extraction
+    from pipeline.extract.run import Extraction
 
     root = tmp_path / "geobench"
     write_fake(root, EUROSAT, labels={2: 12})
@@ -174,7 +174,7 @@ def test_label_outside_num_classes_stops_extraction_naming_sample_and_value(tmp_
 
 
 def test_segmentation_label_value_is_checked_before_it_becomes_uint8(tmp_path, tiny_backbone):
-    from pipeline.extract import Extraction
+    from pipeline.extract.run import Extraction
 
     root = tmp_path / "geobench"
     bad = np.zeros((500, 500), np.int16)

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from .config import ConfigError
-from .errors import UserError
+from ..config import ConfigError
+from ..errors import UserError
 
 NAN = float("nan")
 

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..backbone.layer_spec import DEFAULT_LAYER_IDXS
+from ..backbone.layers import ForwardStopped, Layer, as_map, capture, catalog, select_layers
+from ..backbone.loader import DiffusionSat
+from ..backbone.schedule import Schedule, label_key, label_of
 from ..cache.layout import TIERS
 from ..errors import UserError
-from .layer_spec import DEFAULT_LAYER_IDXS
-from .layers import ForwardStopped, Layer, as_map, capture, catalog, select_layers
-from .loader import DiffusionSat
-from .schedule import Schedule, label_key, label_of
 
 # Bumped whenever a change to this module changes the numbers it produces, so that caches made
 # by the earlier code are not taken for current ones.

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cache.layout import feature_path, feature_scale_path, pooled_path
-from .cache.store import CacheError
-from .errors import first_line
-from .probe import Cell, grid_labels, probe_cell, sample_pixels, take_images
+from ..cache.layout import feature_path, feature_scale_path, pooled_path
+from ..cache.store import CacheError
+from ..errors import first_line
+from .map import Cell, grid_labels, probe_cell, sample_pixels, take_images
 
 
 class Held:
@@ -51,7 +51,7 @@ def fit_cell(cell: Cell, parts: dict, labels: dict, train_rows, per_image: dict,
 def _sample_shard(stored, scales, pixels, grid):
     import torch
 
-    from .cache.encoding import uint8_decode
+    from ..cache.encoding import uint8_decode
 
     maps = stored if scales is None else uint8_decode(stored, scales)
     return sample_pixels(torch.from_numpy(maps), pixels, grid)

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cache.reader import FeatureCache
-from .errors import UserError
-from .metrics import confusion, segmentation_metrics
+from ..cache.reader import FeatureCache
+from ..errors import UserError
+from ..metrics import confusion, segmentation_metrics
 
 ALL = "all"
 
@@ -293,7 +293,7 @@ class Probe:
                        for name, cache in caches.items()}
         self.cluster = None
         if client is not None:
-            from .dask_probe import ClusterInputs
+            from .dask import ClusterInputs
 
             self.cluster = ClusterInputs(self, client)
 
@@ -345,7 +345,7 @@ class Probe:
 
         cells = cells or self.cells()
         if self.cluster is not None:
-            from .dask_probe import run_on_cluster
+            from .dask import run_on_cluster
 
             return run_on_cluster(self, self.cluster, cells, train_indices)
         splits = dict(self.splits)

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache.reader import FeatureCache, open_cache
-from .cache.store import CacheError
-from .cluster import CONNECT_TIMEOUT, SchedulerError, connect, scheduler_problem
-from .metrics import SELECTION
-from .outputs import output_folder
-from .partitions import PartitionError, fraction, list_partitions, partition_indices
-from .probe import ALL, Cell, Probe, ProbeError, ProbeSettings, best_cells, settings_dict
+from ..cache.reader import FeatureCache, open_cache
+from ..cache.store import CacheError
+from ..cluster import CONNECT_TIMEOUT, SchedulerError, connect, scheduler_problem
+from ..metrics import SELECTION
+from ..outputs import output_folder
+from ..partitions import PartitionError, fraction, list_partitions, partition_indices
+from .map import ALL, Cell, Probe, ProbeError, ProbeSettings, best_cells, settings_dict
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def _run(cache_dir, out_dir, settings, task_dir, partitions, seeds, storage_opti
         record["label_efficiency"] = no_curve
     _write_map(out_dir, record)
 
-    from .plots import probe_heatmap
+    from ..plots import probe_heatmap
 
     probe_heatmap(out_dir / "heatmap.png", rows, caches["train"].timesteps, caches["train"].layers,
                   rows[0]["metric"], best["best layer"] if "best layer" in best else None)
@@ -240,7 +240,7 @@ def _write_curve(out_dir: Path, curve: list[dict], metric: str, note: str | None
         w = csv.DictWriter(f, CURVE_COLUMNS)
         w.writeheader()
         w.writerows(curve)
-    from .plots import label_efficiency_plot
+    from ..plots import label_efficiency_plot
 
     label_efficiency_plot(out_dir / "label_efficiency.png", curve, metric, note)
 

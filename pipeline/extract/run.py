@@ -14,12 +14,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import __version__
-from .backbone.extractor import EXTRACTION_VERSION, BatchFeatures, ExtractionSettings, FeatureExtractor, precision
-from .backbone.loader import BackboneSpec, fingerprint, load_diffusionsat, read_scheduler_config
-from .backbone.schedule import Schedule, label_key
-from .cache import encoding
-from .cache.layout import (
+from .. import __version__
+from ..backbone.loader import BackboneSpec, fingerprint, load_diffusionsat, read_scheduler_config
+from ..backbone.schedule import Schedule, label_key
+from ..cache import encoding
+from ..cache.layout import (
     ATTRS_KEY,
     EXACT_ENCODING,
     CachePlan,
@@ -29,14 +28,15 @@ from .cache.layout import (
     pooled_path,
     trajectory_path,
 )
-from .cache.lock import WriterLock
-from .cache.planning import check_room
-from .cache.reader import lacking_tiers
-from .cache.store import CacheError, CacheMismatch, check_location, is_url
-from .cache.writer import CacheWriter, lacking_objects
-from .config import Config, ConfigError
-from .data.geobench_task import GeoBenchSplit, TaskSource, collate
-from .errors import UserError
+from ..cache.lock import WriterLock
+from ..cache.planning import check_room
+from ..cache.reader import lacking_tiers
+from ..cache.store import CacheError, CacheMismatch, check_location, is_url
+from ..cache.writer import CacheWriter, lacking_objects
+from ..config import Config, ConfigError
+from ..data.geobench_task import GeoBenchSplit, TaskSource, collate
+from ..errors import UserError
+from .extractor import EXTRACTION_VERSION, BatchFeatures, ExtractionSettings, FeatureExtractor, precision
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ class Extraction:
 
     def fill_from_trajectory(self, split: str, path: str | None = None, tiers=None, progress: bool = True,
                              wait: bool = False):
-        """Add maps and/or pooled vectors to a complete cache from its trajectory (``pipeline.fill``)."""
+        """Add maps and/or pooled vectors to a complete cache from its trajectory (``pipeline.extract.fill``)."""
         from .fill import fill_from_trajectory
 
         return fill_from_trajectory(self, split, path, tiers, progress, wait)
@@ -359,8 +359,8 @@ def _mend(writer: CacheWriter, repair: bool, storage_options: dict | None) -> No
         writer.clear_done(lacking)
     if not repair:
         return
-    from .cache.audit import audit
-    from .cache.reader import open_cache
+    from ..cache.audit import audit
+    from ..cache.reader import open_cache
 
     problems = audit(open_cache(writer.path, storage_options))
     whole = [p.text for p in problems if not p.shards]

@@ -8,8 +8,8 @@ the reference does. All three serve the same batches in the same order.
 Outputs in ``out_dir``: ``metrics.json`` (numbers only: val and test of the best model, its
 ``test_score``, epochs, seconds, passes), ``run.json`` (what the run was: task, fuser, partition,
 seed, source, the config, per-class values and confusion matrices, the cost ledger, and the
-digest of its inputs that ``pipeline.grid`` compares), ``model/`` (config.json +
-model.safetensors), ``training_state.pt`` (``pipeline.resume``), ``history.csv`` and the plots of
+digest of its inputs that ``pipeline.fit.grid`` compares), ``model/`` (config.json +
+model.safetensors), ``training_state.pt`` (``pipeline.fit.resume``), ``history.csv`` and the plots of
 ``pipeline.plots`` (PNG and CSV for DVC). They are written into a partial folder beside it and
 swapped in at the end (``pipeline.outputs``), so a stopped fit leaves the previous output as it was.
 """
@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache.batches import CacheBatches, batch_order
-from .cache.reader import FeatureCache, open_cache
-from .cache.store import CacheError
-from .config import Config, ConfigError
-from .errors import UserError
-from .model import FusionModel
-from .train import Splits, evaluate, feature_selection, model_config, train
+from ..cache.batches import CacheBatches, batch_order
+from ..cache.reader import FeatureCache, open_cache
+from ..cache.store import CacheError
+from ..config import Config, ConfigError
+from ..errors import UserError
+from ..model import FusionModel
+from .loop import Splits, evaluate, feature_selection, model_config, train
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,9 @@ SOURCES = ("maps", "trajectory", "live")
 # The code a fit's numbers depend on, as dvc.yaml's fit stage lists it (a test keeps the two equal);
 # its digest is one of a run's inputs, so a run of other code is never taken for done.
 FIT_CODE = ("pipeline/__init__.py", "pipeline/config.py", "pipeline/errors.py", "pipeline/partitions.py",
-            "pipeline/fit.py", "pipeline/train.py", "pipeline/resume.py", "pipeline/outputs.py", "pipeline/model.py",
-            "pipeline/metrics.py", "pipeline/plots.py", "pipeline/extract.py", "pipeline/data/geobench_task.py",
+            "pipeline/fit/run.py", "pipeline/fit/loop.py", "pipeline/fit/resume.py", "pipeline/outputs.py",
+            "pipeline/model.py", "pipeline/metrics.py", "pipeline/plots.py", "pipeline/extract/run.py",
+            "pipeline/extract/extractor.py", "pipeline/data/geobench_task.py",
             "pipeline/backbone", "pipeline/fusion", "pipeline/heads", "pipeline/cache")
 # Settings of the config that say where things are, not what the fit computes.
 LOCATION_KEYS = ("config_file", "cache_dir", "geobench_dir", "pretrained_model_name_or_path", "exp_folder",
@@ -56,7 +57,7 @@ LOCATION_KEYS = ("config_file", "cache_dir", "geobench_dir", "pretrained_model_n
 def expected_request(cfg: Config, split: str) -> dict:
     """The part of a cache's provenance that the experiment decides without the backbone or the
     images: the extraction settings, and which samples of which task, read how."""
-    from .data.geobench_task import scaling_text, task_settings
+    from ..data.geobench_task import scaling_text, task_settings
 
     extraction = {k: getattr(cfg, {"mode": "diffusion_mode"}.get(k, k)) for k in EXTRACTION_KEYS}
     extraction["metadata"] = list(cfg.metadata) if cfg.use_metadata and cfg.metadata else None
@@ -89,9 +90,9 @@ def partition_rows(cfg: Config, train: FeatureCache) -> np.ndarray:
     rows when it is the partition the cache was extracted from."""
     if cfg.train_partition == cfg.partition:
         return np.arange(len(train))
-    from .config import geobench_root
-    from .data.geobench_task import task_settings
-    from .partitions import partition_indices
+    from ..config import geobench_root
+    from ..data.geobench_task import task_settings
+    from ..partitions import partition_indices
 
     task = task_settings(cfg)[0]
     if not task:
@@ -147,9 +148,9 @@ def cached_splits(cfg: Config, caches: dict, timesteps, layers, train_rows=None)
 def trajectory_splits(cfg: Config, caches: dict, timesteps, layers, device, train_rows=None) -> Splits:
     """Maps recomputed on ``device`` from each batch's stored trajectory, one UNet pass per timestep
     stopped after the last layer used, in the batches and order of ``cached_splits``."""
-    from .backbone.extractor import FeatureExtractor
-    from .backbone.loader import load_diffusionsat
-    from .extract import backbone_spec, extraction_settings
+    from ..backbone.loader import load_diffusionsat
+    from ..extract.extractor import FeatureExtractor
+    from ..extract.run import backbone_spec, extraction_settings
 
     extractor = FeatureExtractor(load_diffusionsat(backbone_spec(cfg), device), extraction_settings(cfg))
     train_rows = np.arange(len(caches["train"])) if train_rows is None else train_rows
@@ -174,10 +175,10 @@ def live_splits(cfg: Config, timesteps, layers, device, shard_size: int | None =
     """Features recomputed from the images for every batch (the reference's way). ``shard_size``
     (the train cache's) makes shard-aligned shuffling pick the batches a cached fit picks;
     ``train_rows`` are the training images to use (all when None)."""
-    from .backbone.extractor import FeatureExtractor
-    from .backbone.loader import load_diffusionsat
-    from .data.geobench_task import GeoBenchSplit, TaskSource, collate
-    from .extract import backbone_spec, extraction_settings
+    from ..backbone.loader import load_diffusionsat
+    from ..data.geobench_task import GeoBenchSplit, TaskSource, collate
+    from ..extract.extractor import FeatureExtractor
+    from ..extract.run import backbone_spec, extraction_settings
 
     extractor = FeatureExtractor(load_diffusionsat(backbone_spec(cfg), device), extraction_settings(cfg))
     source = TaskSource.from_config(cfg)
@@ -219,7 +220,7 @@ class FitPlan:
 
 def plan_fit(cfg: Config, device: str | None = None, source: str | None = None, cache_dir: str | None = None) -> FitPlan:
     """Check a fit against its caches (one-line errors) and resolve what it will train on."""
-    from .extract import resolve_device
+    from ..extract.run import resolve_device
 
     dev = resolve_device(device or cfg.device)
     if cache_dir:
@@ -252,7 +253,7 @@ def fit_inputs(cfg: Config, caches: dict, source: str, device: torch.device, row
 
 
 def code_digest() -> str:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     digest = hashlib.sha256()
     for entry in FIT_CODE:
         path = root / entry
@@ -265,7 +266,7 @@ def fit(cfg: Config, out_dir: str | Path, device: str | None = None, source: str
         cache_dir: str | None = None, progress: bool = True, plan: FitPlan | None = None) -> dict:
     """Train and write the outputs; ``source`` (maps, trajectory or live) overrides the config's.
     ``plan`` is this fit's ``plan_fit`` when the caller has made it already."""
-    from .outputs import begin_output, check_replaceable, output_folder, publish_output, remove_partial
+    from ..outputs import begin_output, check_replaceable, output_folder, publish_output, remove_partial
     from .resume import STATE_NAME, load_state
 
     out_dir = output_folder(out_dir)
@@ -279,7 +280,7 @@ def fit(cfg: Config, out_dir: str | Path, device: str | None = None, source: str
         log.info("%s: training on %d of %d images", f"limited_label {cfg.limited_label}" if cfg.limited_label
                  else f"train_partition {cfg.train_partition}", len(rows), len(caches["train"]))
     if source == "trajectory":
-        from .extract import check_backbone
+        from ..extract.run import check_backbone
 
         check_backbone(cfg, caches.values())
         splits = trajectory_splits(cfg, caches, plan.timesteps, plan.layers, dev, rows)
@@ -313,7 +314,7 @@ def fit(cfg: Config, out_dir: str | Path, device: str | None = None, source: str
 
 def _train_and_write(cfg: Config, model: FusionModel, splits: Splits, caches: dict, out_dir: Path, dev, source: str,
                      progress: bool, state: dict | None, inputs: str) -> dict:
-    from .plots import write_plots
+    from ..plots import write_plots
 
     result = train(cfg, model, splits, out_dir, dev, progress, state)
     extraction = caches["train"].request["extraction"]
@@ -339,7 +340,7 @@ def _train_and_write(cfg: Config, model: FusionModel, splits: Splits, caches: di
 def live_passes_per_image(cfg: Config) -> int:
     """UNet passes that give one image the fit's timesteps, as a live fit and the reference run
     them: the inversion stops after the fit's earliest label, whatever the cache holds."""
-    from .backbone.schedule import unet_passes
+    from ..backbone.schedule import unet_passes
 
     return unet_passes(cfg.diffusion_mode, cfg.num_timesteps, cfg.save_timesteps)
 
@@ -407,7 +408,7 @@ def write_outputs(out_dir: Path, result, cfg: Config) -> None:
 def aux_summary(cfg: Config, model: FusionModel, splits: Splits, device) -> dict:
     """What the fuser learned: GW weights, LW mean gates (over the validation split) as a
     (timestep, layer) table, or MoE expert usage per scale."""
-    from .train import to_device
+    from .loop import to_device
 
     fuser = model.fuser
     T, layers = len(fuser.timesteps), fuser.layers
@@ -432,7 +433,7 @@ def aux_summary(cfg: Config, model: FusionModel, splits: Splits, device) -> dict
 def evaluate_saved(cfg: Config, model_dir: str | Path, split: str = "test", cache_dir: str | None = None,
                    device: str | None = None) -> dict:
     """Metrics of a saved model on one split's cache (the features it was trained on)."""
-    from .extract import resolve_device
+    from ..extract.run import resolve_device
 
     dev = resolve_device(device or cfg.device)
     model = FusionModel.from_pretrained(model_dir, dev)

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbone.layer_spec import resolve_in_cache
-from .cache.reader import FeatureCache
-from .cache.store import CacheError
-from .config import Config, ConfigError
-from .fusion.fusers import group_by_scale
-from .metrics import SELECTION, Accumulator
-from .model import FusionModel, ModelConfig, parameter_count
+from ..backbone.layer_spec import resolve_in_cache
+from ..cache.reader import FeatureCache
+from ..cache.store import CacheError
+from ..config import Config, ConfigError
+from ..fusion.fusers import group_by_scale
+from ..metrics import SELECTION, Accumulator
+from ..model import FusionModel, ModelConfig, parameter_count
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +145,11 @@ class Splits:
 def train(cfg: Config, model: FusionModel, splits: Splits, out_dir: Path, device, progress: bool = True,
           resume: dict | None = None) -> FitResult:
     """The reference's loop over ``splits``; writes the best model and, after every epoch, the
-    training state (``pipeline.resume``), and returns val/test metrics. ``resume`` is a loaded
+    training state (``pipeline.fit.resume``), and returns val/test metrics. ``resume`` is a loaded
     state to continue from."""
     from tqdm.auto import tqdm
 
-    from .fusion.fusers import checkpoint_projections
+    from ..fusion.fusers import checkpoint_projections
     from .resume import restore, save_state
 
     checkpoint_projections(model, cfg.checkpoint_projections)
@@ -232,6 +232,6 @@ def train(cfg: Config, model: FusionModel, splits: Splits, out_dir: Path, device
     metrics = {"selection_metric": select, "best_step": best_step, "epochs_run": epochs_done, "val": val, "test": test,
                "train_seconds": round(seconds, 2), "parameters": parameter_count(model), "train_images_seen": seen,
                "data_wait_seconds": round(data_wait, 3)}
-    from .data.geobench_task import class_names
+    from ..data.geobench_task import class_names
 
     return FitResult(out_dir, metrics, history, epochs_done, seconds, class_names(cfg))

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache.reader import open_cache
+from ..cache.store import CacheError
+from ..config import ConfigError
+from ..errors import UserError
+from ..partitions import PARTITION
 from .aggregate import Bootstrap, normalise, read_normalizer, seed_summary, stratified_iqm
-from .cache.reader import open_cache
-from .cache.store import CacheError
-from .config import ConfigError
-from .errors import UserError
-from .partitions import PARTITION
 
 COLUMNS = ["task", "kind", "fuser", "seed", "partition", "metric", "value", "unet_passes", "reference_unet_passes"]
 AGGREGATE_COLUMNS = ["task", "fuser", "partition", "fraction", "metric", "n", "mean", "std", "iqm", "iqm_low",
@@ -213,7 +213,7 @@ def cache_ledgers(cache_root: Path, tasks) -> list[dict]:
                 continue
             ledger = cache.attrs.get("ledger", {})
             if "bytes_stored" not in ledger:  # caches written before the ledger counted bytes
-                from .cache.audit import cache_info
+                from ..cache.audit import cache_info
 
                 ledger = {**ledger, "bytes_stored": cache_info(cache)["bytes_on_disk"]}
             rows.append({**row, "images": len(cache), "unet_passes": int(ledger.get("unet_passes", 0)),
@@ -420,7 +420,7 @@ def write_report(grid: Grid, out_dir: str | Path = "reports", exp_root: str | Pa
     (out_dir / "normalizer.json").write_text(json.dumps(
         {r["name"]: [r["min"], r["max"]] for r in ranges.values() if r["max"] is not None}, indent=2) + "\n")
     (out_dir / "ledger.json").write_text(json.dumps(totals, indent=2) + "\n")
-    from .plots import grid_label_efficiency_plot
+    from ..plots import grid_label_efficiency_plot
 
     grid_label_efficiency_plot(out_dir / "label_efficiency.png", curve, {r["task"]: r["metric"] for r in stats_rows})
     leaderboard_dir.mkdir(parents=True, exist_ok=True)

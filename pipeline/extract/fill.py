@@ -16,15 +16,15 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .backbone.extractor import FeatureExtractor
-from .cache.layout import ATTRS_KEY, array_specs, feature_path, ordered_tiers, pooled_path, tiers_problem
-from .cache.lock import WriterLock
-from .cache.reader import FeatureCache, open_cache
-from .cache.store import CacheError, CacheMismatch, check_location
-from .cache.writer import FILL_KEY, CacheWriter, lacking_objects
-from .data.geobench_task import GeoBenchSplit
-from .errors import UserError
-from .extract import Extraction, ShardBuffer, check_backbone, check_store_writable, shard_batches, write_and_count
+from ..cache.layout import ATTRS_KEY, array_specs, feature_path, ordered_tiers, pooled_path, tiers_problem
+from ..cache.lock import WriterLock
+from ..cache.reader import FeatureCache, open_cache
+from ..cache.store import CacheError, CacheMismatch, check_location
+from ..cache.writer import FILL_KEY, CacheWriter, lacking_objects
+from ..data.geobench_task import GeoBenchSplit
+from ..errors import UserError
+from .extractor import FeatureExtractor
+from .run import Extraction, ShardBuffer, check_backbone, check_store_writable, shard_batches, write_and_count
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .config import default_value
-from .errors import UserError, first_line
-from .model import MOE_STEPS, WEIGHTS_NAME, FusionModel
-from .outputs import partial_path
+from ..config import default_value
+from ..errors import UserError, first_line
+from ..model import MOE_STEPS, WEIGHTS_NAME, FusionModel
+from ..outputs import partial_path
 
 log = logging.getLogger(__name__)
 

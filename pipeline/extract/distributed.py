@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache.layout import ordered_tiers
-from .cache.lock import WriterLock
-from .cache.store import flatten, normalise
-from .cache.writer import CacheWriter
-from .errors import UserError
-from .extract import Extraction, ExtractResult, _run, add_unrecorded, record_size, usable_cores
+from ..cache.layout import ordered_tiers
+from ..cache.lock import WriterLock
+from ..cache.store import flatten, normalise
+from ..cache.writer import CacheWriter
+from ..errors import UserError
+from .run import Extraction, ExtractResult, _run, add_unrecorded, record_size, usable_cores
 
 log = logging.getLogger(__name__)
 

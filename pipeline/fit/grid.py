@@ -2,7 +2,7 @@
 in ``<root>/<partition>/seed<seed>/``, those already done skipped.
 
 A run is done when its folder holds ``metrics.json`` and its ``run.json`` records the same digest
-of inputs (``pipeline.fit.fit_inputs``) as the run asked now, so adding a seed or a partition runs
+of inputs (``pipeline.fit.run.fit_inputs``) as the run asked now, so adding a seed or a partition runs
 only the new fits, and a changed setting, cache or code runs them all again.
 """
 
@@ -12,9 +12,9 @@ import json
 import logging
 from pathlib import Path
 
-from .config import ConfigError, load_config
-from .fit import FIT_OUTPUTS, fit, plan_fit
-from .outputs import check_replaceable, output_folder
+from ..config import ConfigError, load_config
+from ..outputs import check_replaceable, output_folder
+from .run import FIT_OUTPUTS, fit, plan_fit
 
 log = logging.getLogger(__name__)
 
