@@ -9,9 +9,8 @@ from pipeline.cache.layout import CachePlan, array_specs, feature_path
 from pipeline.cache.reader import open_cache
 from pipeline.cache.store import CacheError
 from pipeline.cache.writer import CacheWriter
-
-from test_cache import PLAN, REQUEST, build
-from zarr_arrays import all_arrays
+from tests.cache.test_cache import PLAN, REQUEST, build
+from tests.zarr_arrays import all_arrays
 
 
 def read_all(cache, name: str) -> np.ndarray:

@@ -84,10 +84,9 @@ def test_known_tasks_need_no_extra_keys_and_unknown_ones_say_what_to_set(tmp_pat
 
 # ---- the twelve GEO-Bench v1 tasks ---------------------------------------------------------------
 
-from v1_fakes import FAKES, write_fake  # noqa: E402
-
 from pipeline.data.geobench_task import KNOWN_TASKS, class_names, load_task_specs, partition_file  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
+from tests.data.v1_fakes import FAKES, write_fake  # noqa: E402
 
 
 @pytest.mark.parametrize("fake", FAKES, ids=[f.dataset for f in FAKES])

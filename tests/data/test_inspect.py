@@ -2,11 +2,11 @@ import json
 
 import pytest
 from typer.testing import CliRunner
-from v1_fakes import FAKES, write_fake
 
 from cli import app
 from pipeline.data.geobench_task import KNOWN_TASKS
 from pipeline.data.inspect import inspect_task
+from tests.data.v1_fakes import FAKES, write_fake
 
 runner = CliRunner()
 

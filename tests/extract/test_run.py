@@ -11,8 +11,7 @@ from pipeline.cache.writer import CacheWriter
 from pipeline.data.geobench_task import GeoBenchSplit, TaskSource
 from pipeline.extract.extractor import FeatureExtractor, seeded_normal
 from pipeline.extract.run import backbone_spec, extract_split, extraction_settings
-
-from zarr_arrays import all_arrays
+from tests.zarr_arrays import all_arrays
 
 
 def test_cache_holds_what_live_extraction_computes(make_config):

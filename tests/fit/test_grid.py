@@ -9,7 +9,7 @@ from pipeline.config import ConfigError
 from pipeline.fit.grid import check_grid, done_score, run_dir
 from pipeline.fit.run import FIT_CODE, code_digest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_fit_stage_depends_on_the_code_whose_digest_decides_a_run_and_on_its_own_params_only():

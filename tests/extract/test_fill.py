@@ -20,8 +20,7 @@ from pipeline.cache.writer import FILL_DONE, FILL_KEY, CacheWriter
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.extract.run import Extraction
-
-from zarr_arrays import all_arrays
+from tests.zarr_arrays import all_arrays
 
 FEW = {"up_blocks": {"attn1": [[1, 0]], "conv2": [[3, 2]]}}  # two layers keep these tests quick
 

@@ -147,7 +147,7 @@ def cli_fit(cfg, out):
     import subprocess
     import sys
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     import yaml
 
     def flow(v):
@@ -281,7 +281,7 @@ def test_the_dvc_stage_fits_into_its_declared_outputs_and_a_new_seed_runs_only_t
 
     monkeypatch.chdir(tmp_path)
     first = stage_run([42])
-    declared = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "dvc.yaml"))["stages"]["fit"]
+    declared = yaml.safe_load(open(Path(__file__).resolve().parents[2] / "dvc.yaml"))["stages"]["fit"]
     names = [next(iter(o)) if isinstance(o, dict) else o for o in declared["outs"] + declared["metrics"]]
     for name in names:
         assert Path(name.replace("${item.task.dataset}/${item.fuser}", "demo-landcover/gw")).exists(), name

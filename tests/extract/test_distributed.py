@@ -16,10 +16,9 @@ from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.extract.distributed import Ranks, rank_device, setting_differences, shared_devices, strip_nproc
 from pipeline.extract.run import Extraction
+from tests.zarr_arrays import all_arrays
 
-from zarr_arrays import all_arrays
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 ATTN1 = {"up_blocks": {"attn1": "all"}}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 # Rank 1 writes its first shard (marked done), then dies by SIGKILL as it starts its second.

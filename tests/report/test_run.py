@@ -18,7 +18,7 @@ from pipeline.report.aggregate import Bootstrap
 from pipeline.report.run import Grid, Leaderboard, write_report
 from pipeline.synthetic import write_synthetic_cache
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BOOT = Bootstrap(resamples=200, seed=0)
 
 
