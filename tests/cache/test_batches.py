@@ -97,3 +97,20 @@ def test_preloading_holds_only_the_rows_it_serves(cache):
     assert held.tolist() == [2, 3, 9, 17, 21]
     assert len(labels) == 5 and all(len(x) == 5 for d in feats.values() for x in d.values())
     assert preloaded.nbytes() == 5 * 2 * (8 * 4 * 4 + 4 * 8 * 8) * 2
+
+
+def test_batches_read_ahead_preload_and_shuffle_per_epoch(cached_demo):
+    cache = open_cache(f"{cached_demo().cache_dir}/demo-landcover/train.zarr")
+    plain = CacheBatches(cache, 6, ["t47"], ["up_blocks_3_conv2_2"], shuffle=True, seed=3, prefetch=0)
+    ahead = CacheBatches(cache, 6, ["t47"], ["up_blocks_3_conv2_2"], shuffle=True, seed=3, prefetch=2)
+    loaded = CacheBatches(cache, 6, ["t47"], ["up_blocks_3_conv2_2"], shuffle=True, seed=3, preload=True)
+    runs = [list(b.epoch(1)) for b in (plain, ahead, loaded)]
+    for batches in runs[1:]:
+        for (f0, l0, i0), (f1, l1, i1) in zip(runs[0], batches):
+            assert np.array_equal(i0, i1) and torch.equal(l0, l1)
+            assert torch.equal(f0["t47"]["up_blocks_3_conv2_2"], f1["t47"]["up_blocks_3_conv2_2"])
+    def order(e):
+        return np.concatenate([i for _, _, i in plain.epoch(e)])
+
+    assert sorted(order(0)) == list(range(20)) and not np.array_equal(order(0), order(1))
+    assert np.array_equal(order(1), np.concatenate([i for _, _, i in runs[0]]))

@@ -9,7 +9,7 @@ from pipeline.cache.layout import CachePlan, array_specs, feature_path
 from pipeline.cache.reader import open_cache
 from pipeline.cache.store import CacheError
 from pipeline.cache.writer import CacheWriter
-from tests.cache.test_cache import PLAN, REQUEST, build
+from tests.cache.fake_cache import PLAN, REQUEST, build
 from tests.zarr_arrays import all_arrays
 
 

@@ -1,17 +1,22 @@
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.fit.loop import feature_selection
+from pipeline.cache.store import CacheError
+from pipeline.fit.loop import criterion, feature_selection, model_config, prepare_labels
 from pipeline.fit.run import (
+    FIT_CODE,
     cached_splits,
+    code_digest,
     evaluate_saved,
     fit,
     live_splits,
@@ -20,6 +25,8 @@ from pipeline.fit.run import (
     trajectory_splits,
 )
 from pipeline.model import FusionModel
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("exp, fuser, metric", [("demo_cls", "lw", "accuracy"), ("demo_seg", "moe", "miou")])
@@ -570,3 +577,65 @@ def test_partition_errors_are_one_line(cached_demo, demo_root, tmp_path):
     assert both.exit_code == 2 and both.output == ("error: --set override: limited_label 0.5 and train_partition "
                                                    "'0.20x_train' both choose the training images; set one of them "
                                                    "(train_partition for GEO-Bench's fixed subsets)\n")
+
+
+def test_caches_built_for_other_settings_are_refused(cached_demo):
+    with pytest.raises(CacheError, match="extraction.prompt"):
+        open_split_caches(cached_demo(prompt="A map"))
+    with pytest.raises(CacheError, match="dataset.partition: cache 'default', requested '0.50x_train'"):
+        open_split_caches(cached_demo(partition="0.50x_train"))
+    with pytest.raises(CacheError, match=r"dataset.scaling: cache 'x / 4095, .*requested 'x / 255, "):
+        open_split_caches(cached_demo(band_scale=255))
+    with pytest.raises(CacheError, match="dataset.num_classes: cache 4, requested 5"):
+        open_split_caches(cached_demo(num_classes=5))
+
+
+@pytest.mark.parametrize("buffer_shards", [0, 2])
+def test_cached_and_live_features_give_the_same_first_batch_loss(cached_demo, buffer_shards):
+    cfg = cached_demo(fuser="gw", shuffle_buffer_shards=buffer_shards)
+    caches = open_split_caches(cfg)
+    timesteps, layers = feature_selection(cfg, caches["train"])
+    torch.manual_seed(0)
+    model = FusionModel(model_config(cfg, {l: caches["train"].layer_shapes[l] for l in layers}, timesteps))
+    losses = []
+    for splits in (cached_splits(cfg, caches, timesteps, layers), live_splits(cfg, timesteps, layers, torch.device("cpu")),
+                   trajectory_splits(cfg, caches, timesteps, layers, torch.device("cpu"))):
+        feats, labels, idx = next(splits.train(0))
+        with torch.no_grad():
+            logits, _ = model(feats)
+        losses.append((criterion(cfg.task, cfg.ignore_index)(logits, prepare_labels(cfg.task, labels, "cpu")).item(), idx))
+    assert np.array_equal(losses[0][1], losses[1][1])  # the same images in the same order
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-3)  # both are fp16 features of the same pass
+    # The extraction's own pass again, on other batches (CPU kernels round by batch): within fp16 rounding.
+    assert np.array_equal(losses[0][1], losses[2][1]) and losses[2][0] == pytest.approx(losses[0][0], rel=1e-5)
+
+
+def test_the_fit_stage_depends_on_the_code_whose_digest_decides_a_run_and_on_its_own_params_only():
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["fit"]
+    code = {d for d in stage["deps"] if d.startswith("pipeline/")}
+    # grid.py skips runs and params.py reads the section: they decide nothing of a run
+    assert code - set(FIT_CODE) == {"pipeline/fit/grid.py", "pipeline/params.py"} and set(FIT_CODE) <= code
+    assert {"cli.py", "pipeline/params.py"} <= set(stage["deps"]) and not any("stages" in d for d in stage["deps"])
+    assert stage["params"] == ["fit.partitions", "fit.seeds", "fit.overrides", "fit.device"]
+    defaults = yaml.safe_load((REPO / "params.yaml").read_text())["fit"]
+    assert (defaults["partitions"], defaults["seeds"]) == (["default"], [42])  # the demo's repro stays one run per stage
+
+
+def test_the_code_digest_changes_with_a_file_it_covers(tmp_path, monkeypatch):
+    import pipeline.fit.run as fit_module
+
+    first = code_digest()
+    assert first == code_digest()
+    for entry in FIT_CODE:
+        src = REPO / entry
+        dst = tmp_path / entry
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            dst.write_bytes(src.read_bytes())
+    monkeypatch.setattr(fit_module, "__file__", str(tmp_path / "pipeline" / "fit" / "run.py"))
+    assert code_digest() == first
+    loop = tmp_path / "pipeline" / "fit" / "loop.py"
+    loop.write_text(loop.read_text() + "\n# changed\n")
+    assert code_digest() != first
