@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import difflib
 import os
-import re
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
@@ -107,8 +106,9 @@ def _unique_labels(v):
 
 
 def _device(v):
-    if not isinstance(v, str) or not re.match(r"^(auto|cpu|mps|cuda(:\d+)?)$", v):
-        return "auto, cpu, cuda, cuda:N or mps"
+    from .device import device_problem
+
+    return device_problem(v)
 
 
 def _metadata(v):

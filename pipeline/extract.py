@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,29 +35,10 @@ from .cache.store import CacheError, CacheMismatch, check_location, is_url
 from .cache.writer import CacheWriter, lacking_objects
 from .config import Config, ConfigError
 from .data.geobench_task import GeoBenchSplit, TaskSource, collate
+from .device import resolve_device
 from .errors import UserError
 
 log = logging.getLogger(__name__)
-
-DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-def resolve_device(name: str) -> torch.device:
-    if not DEVICE.match(str(name)):
-        raise ConfigError(f"device {name!r} is not auto, cpu, cuda, cuda:N or mps")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was asked for but CUDA is not available; use --device cpu or auto")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise ConfigError(f"device {name!r} was asked for but this machine has {count} CUDA device(s), "
-                          f"cuda:0 to cuda:{count - 1}; use one of them or --device auto")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {name!r} was asked for but MPS (Apple silicon) is not available here; "
-                          "use --device cpu or auto")
-    return device
 
 
 def backbone_spec(cfg: Config) -> BackboneSpec:

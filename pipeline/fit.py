@@ -219,7 +219,7 @@ class FitPlan:
 
 def plan_fit(cfg: Config, device: str | None = None, source: str | None = None, cache_dir: str | None = None) -> FitPlan:
     """Check a fit against its caches (one-line errors) and resolve what it will train on."""
-    from .extract import resolve_device
+    from .device import resolve_device
 
     dev = resolve_device(device or cfg.device)
     if cache_dir:
@@ -432,7 +432,7 @@ def aux_summary(cfg: Config, model: FusionModel, splits: Splits, device) -> dict
 def evaluate_saved(cfg: Config, model_dir: str | Path, split: str = "test", cache_dir: str | None = None,
                    device: str | None = None) -> dict:
     """Metrics of a saved model on one split's cache (the features it was trained on)."""
-    from .extract import resolve_device
+    from .device import resolve_device
 
     dev = resolve_device(device or cfg.device)
     model = FusionModel.from_pretrained(model_dir, dev)
