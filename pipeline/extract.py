@@ -23,10 +23,8 @@ from .cache.layout import (
     EXACT_ENCODING,
     CachePlan,
     array_specs,
-    feature_path,
     ordered_tiers,
-    pooled_path,
-    trajectory_path,
+    shard_arrays,
 )
 from .cache.lock import WriterLock
 from .cache.planning import check_room
@@ -379,18 +377,8 @@ class ShardBuffer:
 def batch_arrays(plan: CachePlan, part: BatchFeatures, labels: np.ndarray, names: list[str]) -> dict:
     """One batch's rows of the shard arrays for the tiers ``plan`` holds; maps exact (the writer
     encodes them)."""
-    arrays = {"labels": np.asarray(labels), "sample_names": np.asarray(names, dtype=object)}
-    if plan.holds("trajectory"):
-        arrays["latents"] = part.latents.numpy()
-    for t in plan.timesteps:
-        if plan.holds("trajectory"):
-            arrays[trajectory_path(t)] = part.trajectory[t].numpy()
-        for layer in plan.layer_shapes:
-            if plan.holds("maps"):
-                arrays[feature_path(t, layer)] = part.maps[t][layer].numpy()
-            if plan.holds("pooled"):
-                arrays[pooled_path(t, layer)] = part.pooled[t][layer].numpy()
-    return arrays
+    return shard_arrays(plan, {"labels": labels, "sample_names": np.asarray(names, dtype=object), "latents": part.latents,
+                               "trajectory": part.trajectory, "features": part.maps, "pooled": part.pooled})
 
 
 def shard_batches(plan: CachePlan, shards: list[int], batch_size: int) -> list[list[int]]:
