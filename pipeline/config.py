@@ -219,6 +219,11 @@ class Config:
     # Where this config was read from; set by load_config.
     config_file: str = field(default="<defaults>", metadata={"internal": True})
 
+    @property
+    def output_shape(self) -> tuple[int, int] | None:
+        """(H, W) of a segmentation task's label maps, which its head outputs; None for the other tasks."""
+        return (self.original_img_size, self.original_img_size) if self.task == "segmentation" else None
+
     def cache_path(self, split: str) -> str:
         """``<cache_dir>/<dataset_name>/<split>.zarr``, or a URL when cache_dir is one."""
         return f"{self.cache_dir.rstrip('/')}/{self.dataset_name}/{split}.zarr"

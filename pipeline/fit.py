@@ -413,7 +413,7 @@ def aux_summary(cfg: Config, model: FusionModel, splits: Splits, device) -> dict
     T, layers = len(fuser.timesteps), fuser.layers
     if model.config.fuser == "gw":
         return {"weights": torch.softmax(fuser.mixing_weights.detach(), 0).view(T, len(layers)).cpu().numpy()}
-    output_shape = (cfg.original_img_size,) * 2 if cfg.task == "segmentation" else None
+    output_shape = cfg.output_shape
     total, n = None, 0
     model.eval()
     with torch.no_grad():
@@ -448,5 +448,4 @@ def evaluate_saved(cfg: Config, model_dir: str | Path, split: str = "test", cach
     cache = open_cache(cfg.cache_path(split), expect=expected_request(cfg, split))
     check_encoding(cfg, cache)
     batches = CacheBatches(cache, cfg.val_batch_size, model.config.timesteps, list(model.config.layer_shapes))
-    output_shape = (cfg.original_img_size,) * 2 if cfg.task == "segmentation" else None
-    return evaluate(model, batches.epoch(0), cfg.task, cfg.num_classes, cfg.ignore_index, output_shape, dev)
+    return evaluate(model, batches.epoch(0), cfg.task, cfg.num_classes, cfg.ignore_index, cfg.output_shape, dev)
