@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import difflib
 import os
-import re
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
@@ -107,8 +106,9 @@ def _unique_labels(v):
 
 
 def _device(v):
-    if not isinstance(v, str) or not re.match(r"^(auto|cpu|mps|cuda(:\d+)?)$", v):
-        return "auto, cpu, cuda, cuda:N or mps"
+    from .device import device_problem
+
+    return device_problem(v)
 
 
 def _metadata(v):
@@ -218,6 +218,11 @@ class Config:
     source: str | None = _field(None, _optional(_choice("maps", "trajectory", "live")), ours=True)
     # Where this config was read from; set by load_config.
     config_file: str = field(default="<defaults>", metadata={"internal": True})
+
+    @property
+    def output_shape(self) -> tuple[int, int] | None:
+        """(H, W) of a segmentation task's label maps, which its head outputs; None for the other tasks."""
+        return (self.original_img_size, self.original_img_size) if self.task == "segmentation" else None
 
     def cache_path(self, split: str) -> str:
         """``<cache_dir>/<dataset_name>/<split>.zarr``, or a URL when cache_dir is one."""

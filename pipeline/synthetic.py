@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cache.layout import CachePlan, feature_path, pooled_path, trajectory_path
+from .cache.layout import CachePlan, shard_arrays
 from .cache.writer import CacheWriter
 
 
@@ -41,18 +41,19 @@ def write_synthetic_cache(path: str, labels: np.ndarray, timesteps: tuple[str, .
     for shard in range(plan.num_shards):
         start, stop = plan.shard_range(shard)
         rows = labels[start:stop]
-        arrays = {"latents": rng.normal(size=(stop - start, *plan.latent_shape)).astype(np.float32),
-                  "labels": rows, "sample_names": np.array(names[start:stop])}
-        for t in timesteps:
-            arrays[trajectory_path(t)] = rng.normal(size=(stop - start, *plan.latent_shape)).astype(np.float32)
+        parts = {"latents": rng.normal(size=(stop - start, *plan.latent_shape)).astype(np.float32),
+                 "labels": rows, "sample_names": np.array(names[start:stop]),
+                 "trajectory": {}, "features": {}, "pooled": {}}
+        for t in timesteps:  # drawn in this order, so that a seed gives the same cache
+            parts["trajectory"][t] = rng.normal(size=(stop - start, *plan.latent_shape)).astype(np.float32)
+            maps = parts["features"][t] = {}
             for layer, shape in layer_shapes.items():
-                maps = rng.normal(size=(stop - start, *shape)).astype(np.float32)
+                values = rng.normal(size=(stop - start, *shape)).astype(np.float32)
                 if (t, layer) in means:
-                    maps += signal[(t, layer)] * _class_maps(means[(t, layer)], rows, shape[1:])
-                maps = maps.astype(np.float16)
-                arrays[feature_path(t, layer)] = maps
-                arrays[pooled_path(t, layer)] = maps.astype(np.float32).mean(axis=(2, 3))
-        writer.write_shard(shard, arrays)
+                    values += signal[(t, layer)] * _class_maps(means[(t, layer)], rows, shape[1:])
+                maps[layer] = values.astype(np.float16)
+            parts["pooled"][t] = {layer: m.astype(np.float32).mean(axis=(2, 3)) for layer, m in maps.items()}
+        writer.write_shard(shard, shard_arrays(plan, parts))
     return writer
 
 

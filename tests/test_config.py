@@ -23,6 +23,11 @@ def test_reference_values_survive_the_merge():
     assert cfg.cache_path("train") == "cache/mchesapeake/train.zarr"
 
 
+def test_a_segmentation_head_outputs_label_maps_of_the_patch_size():
+    assert load_config("configs/chesa_exp.yaml", {"original_img_size": 48}).output_shape == (48, 48)
+    assert load_config("configs/eurosat_exp.yaml").output_shape is None
+
+
 def test_reference_experiment_file_runs_unchanged(tmp_path):
     # An experiment file as the reference writes it, dropped next to our configs, wandb and all.
     shutil.copytree("configs", tmp_path / "configs")

@@ -40,21 +40,35 @@ class LayerSpecError(UserError):
     """A ``layer_idxs`` that selects something the UNet or the cache does not have."""
 
 
+def parse(value) -> dict:
+    """``value`` as block -> suffix -> ``"all"`` or a tuple of (i, j) pairs: the one reading of the
+    grammar; a LayerSpecError saying what is allowed when ``value`` does not follow it."""
+    wrong = LayerSpecError(f"layer_idxs is {value!r}; expected {GRAMMAR}")
+    if not isinstance(value, dict) or not value:
+        raise wrong
+    spec = {}
+    for block, by_suffix in value.items():
+        if not isinstance(by_suffix, dict) or not by_suffix:
+            raise wrong
+        spec[block] = {}
+        for suffix, sel in by_suffix.items():
+            if sel != "all" and (not isinstance(sel, (list, tuple)) or not all(map(_is_pair, sel))):
+                raise wrong
+            spec[block][suffix] = sel if sel == "all" else tuple((i, j) for i, j in sel)
+    return spec
+
+
+def _is_pair(p) -> bool:
+    return isinstance(p, (list, tuple)) and len(p) == 2 and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in p)
+
+
 def check(value) -> str | None:
     """None when ``value`` follows the grammar, else the text of what is allowed (for config checks)."""
-    if not isinstance(value, dict) or not value:
+    try:
+        parse(value)
+    except LayerSpecError:
         return GRAMMAR
-    for by_suffix in value.values():
-        if not isinstance(by_suffix, dict) or not by_suffix:
-            return GRAMMAR
-        for sel in by_suffix.values():
-            if sel == "all":
-                continue
-            if not isinstance(sel, (list, tuple)) or not all(
-                isinstance(p, (list, tuple)) and len(p) == 2
-                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in p) for p in sel
-            ):
-                return GRAMMAR
     return None
 
 
@@ -74,7 +88,8 @@ def resolve(layer_idxs: dict, catalog: Catalog, what: str = "the UNet", hint=lam
     error about a selector of that block (what the UNet has, or how to re-extract).
     """
     plan = []  # (block, suffix, selection, counts)
-    for block, by_suffix in layer_idxs.items():
+    spec = parse(layer_idxs)
+    for block, by_suffix in spec.items():
         if block not in catalog:
             raise LayerSpecError(f"layer_idxs names block {block!r}, which {what} does not have "
                                  f"(it has {', '.join(sorted(catalog)) or 'none'}){hint(block)}")
@@ -93,12 +108,12 @@ def resolve(layer_idxs: dict, catalog: Catalog, what: str = "the UNet", hint=lam
                                              f"({has}); {_where(block, suffix, counts)}")
             plan.append((block, suffix, sel, counts))
     names = []
-    for block in layer_idxs:
+    for block in spec:
         entries = [p for p in plan if p[0] == block]
         for i in range(max(len(p[3]) for p in entries)):
             for _, suffix, sel, counts in entries:
                 for j in range(counts[i] if i < len(counts) else 0):
-                    if sel == "all" or [i, j] in [list(p) for p in sel]:
+                    if sel == "all" or (i, j) in sel:
                         names.append(layer_name(block, i, suffix, j))
     if not names:
         raise LayerSpecError(f"layer_idxs {layer_idxs} selects no layer of {what}")
@@ -111,7 +126,7 @@ def catalog_from_names(layer_idxs: dict, held: list[str]) -> tuple[Catalog, set]
     the UNet may have more modules than the cache holds)."""
     catalog: Catalog = {}
     partial = set()
-    for block, by_suffix in layer_idxs.items():
+    for block, by_suffix in parse(layer_idxs).items():
         for suffix, sel in by_suffix.items():
             counts: list[int] = []
             for name in held:
@@ -139,8 +154,9 @@ def resolve_in_cache(layer_idxs: dict, held: list[str], catalog: Catalog | None,
     if catalog is None:
         catalog, partial = catalog_from_names(extracted_with, held)
     catalog = {b: {s: list(c) for s, c in by_suffix.items()} for b, by_suffix in catalog.items()}
+    asked = parse(layer_idxs)
     for block, suffix in partial:
-        sel = layer_idxs.get(block, {}).get(suffix)
+        sel = asked.get(block, {}).get(suffix)
         if sel == "all":
             raise LayerSpecError(f"layer_idxs {block}.{suffix}: all cannot be checked against cache {path}, which "
                                  f"holds only some of them ({extracted_with[block][suffix]}); list the pairs you want")

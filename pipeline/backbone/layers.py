@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layer_spec import LayerSpecError, layer_name, resolve
+from .layer_spec import LayerSpecError, layer_name, parse, resolve
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def catalog(unet: nn.Module, layer_idxs: dict) -> dict:
     """How many modules end in each suffix of ``layer_idxs``, per block (see ``layer_spec``)."""
     return {block_name: {suffix: [len(_modules_with_suffix(b, suffix)) for b in _blocks(unet, block_name)]
                          for suffix in by_suffix}
-            for block_name, by_suffix in layer_idxs.items()}
+            for block_name, by_suffix in parse(layer_idxs).items()}
 
 
 def _module_suffixes(unet: nn.Module, block_name: str) -> str:
@@ -53,7 +53,7 @@ def select_layers(unet: nn.Module, layer_idxs: dict) -> list[Layer]:
     names = resolve(layer_idxs, catalog(unet, layer_idxs),
                     hint=lambda block: f"; the modules of {block} end in: {_module_suffixes(unet, block)}")
     modules = {}
-    for block_name, by_suffix in layer_idxs.items():
+    for block_name, by_suffix in parse(layer_idxs).items():
         for i, block in enumerate(_blocks(unet, block_name)):
             for suffix in by_suffix:
                 for j, module in enumerate(_modules_with_suffix(block, suffix)):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 import zarr.codecs as zc
 
 FORMAT_VERSION = 1
@@ -279,6 +280,29 @@ def array_specs(plan: CachePlan) -> list[ArraySpec]:
                            {"long_name": "sample names"}))
     specs.append(done_spec("done", plan, "shards written in full"))
     return specs
+
+
+def shard_arrays(plan: CachePlan, rows: dict, tiers=None) -> dict:
+    """Rows of the arrays a write supplies, keyed by their paths, in the order of ``array_specs``.
+
+    ``rows`` holds them by the first part of the path: ``features`` and ``pooled`` as
+    {label: {layer: rows}}, ``trajectory`` as {label: rows}, ``latents``, ``labels`` and
+    ``sample_names`` as rows. Every array of ``plan`` (of ``tiers`` only, when given) whose part
+    ``rows`` has is taken, as a NumPy array; maps are exact: the writer encodes them and adds their
+    ``feature_scales``. ``done`` is the writer's own.
+    """
+    out = {}
+    for spec in array_specs(plan):
+        part = spec.name.split("/")[0]
+        if part not in rows or (tiers is not None and tier_of(spec.name) not in tiers):
+            continue
+        value = rows[part]
+        if "label" in spec.attrs:
+            value = value[spec.attrs["label"]]
+        if "layer" in spec.attrs:
+            value = value[spec.attrs["layer"]]
+        out[spec.name] = np.asarray(value)
+    return out
 
 
 def done_spec(name: str, plan: CachePlan, what: str) -> ArraySpec:

@@ -163,7 +163,7 @@ def passes_per_epoch(cfg) -> dict[str, int]:
 
 def _config_label_shape(cfg) -> tuple[tuple, str]:
     if cfg.task == "segmentation":
-        return (cfg.original_img_size, cfg.original_img_size), "uint8"
+        return cfg.output_shape, "uint8"
     if cfg.task == "multi_label_classification":
         return (cfg.num_classes,), "uint8"
     return (), "int64"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .encoding import uint8_decode
-from .layout import ATTRS_KEY, feature_scale_path
+from .layout import ATTRS_KEY, feature_path, feature_scale_path
 from .store import CacheError
 from .writer import array_attributes, lacking_objects
 
@@ -45,7 +45,7 @@ def dask_arrays(cache, decode: bool = True) -> dict:
     if decode and cache.map_encoding == "uint8" and cache.plan.holds("maps"):
         for t in cache.timesteps:
             for layer in cache.layers:
-                name = f"features/{t}/{layer}"
+                name = feature_path(t, layer)
                 arrays[name] = da.blockwise(uint8_decode, "nchw", arrays[name], "nchw",
                                             arrays[feature_scale_path(t, layer)], "nck", dtype=np.float16,
                                             concatenate=True)

@@ -27,6 +27,7 @@ from ..cache.layout import ordered_tiers
 from ..cache.lock import WriterLock
 from ..cache.store import flatten, normalise
 from ..cache.writer import CacheWriter
+from ..device import auto_device
 from ..errors import UserError
 from .run import Extraction, ExtractResult, _run, add_unrecorded, record_size, usable_cores
 
@@ -88,7 +89,7 @@ def rank_device(asked: str, ranks: Ranks, cuda_devices: int) -> str:
     wrapped round the visible devices (one visible device per rank, as srun's --gpus-per-task gives,
     is ``cuda:0``); a device with an index, ``cpu`` and ``mps`` are kept."""
     if asked == "auto":
-        asked = "cuda" if cuda_devices else "cpu"
+        asked = auto_device(cuda_devices)
     if asked != "cuda" or not cuda_devices:
         return asked
     return f"cuda:{ranks.local_rank % cuda_devices}"

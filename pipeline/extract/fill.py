@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from ..cache.layout import ATTRS_KEY, array_specs, feature_path, ordered_tiers, pooled_path, tiers_problem
+from ..cache.layout import ATTRS_KEY, array_specs, ordered_tiers, shard_arrays, tiers_problem
 from ..cache.lock import WriterLock
 from ..cache.reader import FeatureCache, open_cache
 from ..cache.store import CacheError, CacheMismatch, check_location
@@ -153,22 +153,10 @@ def _fill(batch_size: int, extractor: FeatureExtractor, cache: FeatureCache, fil
             shard_started, buffer = time.perf_counter(), ShardBuffer(stop - start)
             for idx in shard_batches(plan, [shard], batch_size):
                 maps, pooled = extractor.from_trajectory(cache.trajectory(idx), layers, pooled="pooled" in adding)
-                buffer.add(_batch_arrays(plan, adding, layers, maps, pooled))
+                buffer.add(shard_arrays(plan, {"features": maps, "pooled": pooled}, adding))
                 bar.update(len(idx))
             n = stop - start
             work = {"unet_passes": n * len(plan.timesteps), "vae_passes": 0, "images_filled": n,
                     "fill_seconds": time.perf_counter() - shard_started}
             write_and_count(fill, shard, buffer.arrays, work, lock)
     return todo, time.perf_counter() - started
-
-
-def _batch_arrays(plan, adding, layers: list[str], maps: dict, pooled: dict) -> dict:
-    """One batch's rows of the added tiers' arrays; maps exact (the writer encodes them)."""
-    arrays = {}
-    for t in plan.timesteps:
-        for layer in layers:
-            if "maps" in adding:
-                arrays[feature_path(t, layer)] = maps[t][layer].numpy()
-            if "pooled" in adding:
-                arrays[pooled_path(t, layer)] = pooled[t][layer].numpy()
-    return arrays

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,10 +22,8 @@ from ..cache.layout import (
     EXACT_ENCODING,
     CachePlan,
     array_specs,
-    feature_path,
     ordered_tiers,
-    pooled_path,
-    trajectory_path,
+    shard_arrays,
 )
 from ..cache.lock import WriterLock
 from ..cache.planning import check_room
@@ -35,30 +32,11 @@ from ..cache.store import CacheError, CacheMismatch, check_location, is_url
 from ..cache.writer import CacheWriter, lacking_objects
 from ..config import Config, ConfigError
 from ..data.geobench_task import GeoBenchSplit, TaskSource, collate
+from ..device import resolve_device
 from ..errors import UserError
 from .extractor import EXTRACTION_VERSION, BatchFeatures, ExtractionSettings, FeatureExtractor, precision
 
 log = logging.getLogger(__name__)
-
-DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-def resolve_device(name: str) -> torch.device:
-    if not DEVICE.match(str(name)):
-        raise ConfigError(f"device {name!r} is not auto, cpu, cuda, cuda:N or mps")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was asked for but CUDA is not available; use --device cpu or auto")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise ConfigError(f"device {name!r} was asked for but this machine has {count} CUDA device(s), "
-                          f"cuda:0 to cuda:{count - 1}; use one of them or --device auto")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {name!r} was asked for but MPS (Apple silicon) is not available here; "
-                          "use --device cpu or auto")
-    return device
 
 
 def backbone_spec(cfg: Config) -> BackboneSpec:
@@ -399,18 +377,8 @@ class ShardBuffer:
 def batch_arrays(plan: CachePlan, part: BatchFeatures, labels: np.ndarray, names: list[str]) -> dict:
     """One batch's rows of the shard arrays for the tiers ``plan`` holds; maps exact (the writer
     encodes them)."""
-    arrays = {"labels": np.asarray(labels), "sample_names": np.asarray(names, dtype=object)}
-    if plan.holds("trajectory"):
-        arrays["latents"] = part.latents.numpy()
-    for t in plan.timesteps:
-        if plan.holds("trajectory"):
-            arrays[trajectory_path(t)] = part.trajectory[t].numpy()
-        for layer in plan.layer_shapes:
-            if plan.holds("maps"):
-                arrays[feature_path(t, layer)] = part.maps[t][layer].numpy()
-            if plan.holds("pooled"):
-                arrays[pooled_path(t, layer)] = part.pooled[t][layer].numpy()
-    return arrays
+    return shard_arrays(plan, {"labels": labels, "sample_names": np.asarray(names, dtype=object), "latents": part.latents,
+                               "trajectory": part.trajectory, "features": part.maps, "pooled": part.pooled})
 
 
 def shard_batches(plan: CachePlan, shards: list[int], batch_size: int) -> list[list[int]]:

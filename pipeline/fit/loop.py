@@ -155,7 +155,7 @@ def train(cfg: Config, model: FusionModel, splits: Splits, out_dir: Path, device
     checkpoint_projections(model, cfg.checkpoint_projections)
     task = cfg.task
     select = SELECTION[task]
-    output_shape = (cfg.original_img_size, cfg.original_img_size) if task == "segmentation" else None
+    output_shape = cfg.output_shape
     loss_fn = criterion(task, cfg.ignore_index)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.op_weight_decay)
     best_dir = out_dir / "model"

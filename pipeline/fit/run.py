@@ -220,7 +220,7 @@ class FitPlan:
 
 def plan_fit(cfg: Config, device: str | None = None, source: str | None = None, cache_dir: str | None = None) -> FitPlan:
     """Check a fit against its caches (one-line errors) and resolve what it will train on."""
-    from ..extract.run import resolve_device
+    from ..device import resolve_device
 
     dev = resolve_device(device or cfg.device)
     if cache_dir:
@@ -414,7 +414,7 @@ def aux_summary(cfg: Config, model: FusionModel, splits: Splits, device) -> dict
     T, layers = len(fuser.timesteps), fuser.layers
     if model.config.fuser == "gw":
         return {"weights": torch.softmax(fuser.mixing_weights.detach(), 0).view(T, len(layers)).cpu().numpy()}
-    output_shape = (cfg.original_img_size,) * 2 if cfg.task == "segmentation" else None
+    output_shape = cfg.output_shape
     total, n = None, 0
     model.eval()
     with torch.no_grad():
@@ -433,7 +433,7 @@ def aux_summary(cfg: Config, model: FusionModel, splits: Splits, device) -> dict
 def evaluate_saved(cfg: Config, model_dir: str | Path, split: str = "test", cache_dir: str | None = None,
                    device: str | None = None) -> dict:
     """Metrics of a saved model on one split's cache (the features it was trained on)."""
-    from ..extract.run import resolve_device
+    from ..device import resolve_device
 
     dev = resolve_device(device or cfg.device)
     model = FusionModel.from_pretrained(model_dir, dev)
@@ -449,5 +449,4 @@ def evaluate_saved(cfg: Config, model_dir: str | Path, split: str = "test", cach
     cache = open_cache(cfg.cache_path(split), expect=expected_request(cfg, split))
     check_encoding(cfg, cache)
     batches = CacheBatches(cache, cfg.val_batch_size, model.config.timesteps, list(model.config.layer_shapes))
-    output_shape = (cfg.original_img_size,) * 2 if cfg.task == "segmentation" else None
-    return evaluate(model, batches.epoch(0), cfg.task, cfg.num_classes, cfg.ignore_index, output_shape, dev)
+    return evaluate(model, batches.epoch(0), cfg.task, cfg.num_classes, cfg.ignore_index, cfg.output_shape, dev)

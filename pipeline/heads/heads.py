@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEADS = ("linear", "upernet")
 RESCALES = (4, 2, 1, 0.5, 0.25)
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.backbone.layer_spec import LayerSpecError, check, resolve, resolve_in_cache
+from pipeline.backbone.layer_spec import LayerSpecError, check, parse, resolve, resolve_in_cache
 
 CATALOG = {"up_blocks": {"attn1": [0, 3, 3, 3], "conv2": [3, 3, 3, 3]}}
 
@@ -10,6 +10,16 @@ def test_the_grammar_check_names_what_is_allowed():
     for bad in ({}, {"up_blocks": {}}, {"up_blocks": {"attn1": "some"}}, {"up_blocks": {"attn1": [[1]]}},
                 {"up_blocks": {"attn1": [[1, -1]]}}, {"up_blocks": {"attn1": [[True, 0]]}}, ["up_blocks"]):
         assert check(bad).startswith("a mapping like {up_blocks: {attn1: all"), bad
+
+
+def test_the_parser_gives_pairs_as_tuples_and_refuses_what_the_check_refuses():
+    assert parse({"up_blocks": {"attn1": "all", "conv2": [[1, 0], (2, 1)], "attn2": []}}) == \
+        {"up_blocks": {"attn1": "all", "conv2": ((1, 0), (2, 1)), "attn2": ()}}
+    with pytest.raises(LayerSpecError, match=r"^layer_idxs is \{'up_blocks': \{'attn1': \[\[1\]\]\}\}; expected a mapping like"):
+        parse({"up_blocks": {"attn1": [[1]]}})
+    # resolve reads the grammar through the parser: a malformed selection is the same one-line error
+    with pytest.raises(LayerSpecError, match="^layer_idxs is .*; expected a mapping like"):
+        resolve({"up_blocks": {"attn1": "some"}}, CATALOG)
 
 
 def test_names_follow_the_reference_order():
