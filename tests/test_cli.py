@@ -238,8 +238,11 @@ def test_probe_prints_best_cells_and_writes_files(synthetic_task, tmp_path):
                                  "--jobs", "1", "--set", "c_grid=[0.1,10]"])
     assert result.exit_code == 0, result.output
     assert "best_layer: t40 up_blocks_2_conv2_0: val 1.0000, test accuracy 1.0000" in result.output
-    assert {p.name for p in out.iterdir()} == {"probe_map.json", "probe_map.csv", "heatmap.png", "metrics.json"}
+    assert {p.name for p in out.iterdir()} == {"probe_map.json", "probe_map.csv", "heatmap.png", "metrics.json",
+                                               "run.json"}
     assert json.loads((out / "probe_map.json").read_text())["settings"]["c_grid"] == [0.1, 10.0]
+    assert result.output.splitlines()[-1].startswith(f"wrote {out}/probe_map.json, probe_map.csv, heatmap.png, "
+                                                     "metrics.json and run.json (")
 
 
 @pytest.mark.parametrize("args, message", [
