@@ -427,7 +427,8 @@ def task_folder(cache_dir: str, dataset: str) -> str:
 def probe(
     dataset: Annotated[str, typer.Option(help="The task's folder under --cache-dir (its dataset_name), holding train.zarr, "
                                               "val.zarr and test.zarr.")],
-    out: Annotated[Path, typer.Option(help="Output folder for probe_map.json/.csv, heatmap.png and metrics.json.")],
+    out: Annotated[Path, typer.Option(help="Output folder for probe_map.json/.csv, heatmap.png, metrics.json and "
+                                          "run.json.")],
     cache_dir: Annotated[str, typer.Option(help="Cache root holding <dataset>/<split>.zarr: a folder or an fsspec "
                                                 "URL.")] = "cache",
     partition: Annotated[list[str] | None, typer.Option(help="A '<f>x_train' partition for the label-efficiency curve "
@@ -485,7 +486,8 @@ def probe(
         if name in metrics:
             m = metrics[name]
             typer.echo(f"{name:>13}: {m['timestep']} {m['layer']}: val {m['val']:.4f}, test {metrics['metric']} {m['test']:.4f}")
-    typer.echo(f"wrote {out}/probe_map.json, probe_map.csv, heatmap.png and metrics.json ({metrics['seconds']:.0f} s)")
+    typer.echo(f"wrote {out}/probe_map.json, probe_map.csv, heatmap.png, metrics.json and run.json "
+               f"({metrics['seconds']:.0f} s)")
 
 
 @app.command()

@@ -238,8 +238,11 @@ def test_probe_prints_best_cells_and_writes_files(synthetic_task, tmp_path):
                                  "--jobs", "1", "--set", "c_grid=[0.1,10]"])
     assert result.exit_code == 0, result.output
     assert "best_layer: t40 up_blocks_2_conv2_0: val 1.0000, test accuracy 1.0000" in result.output
-    assert {p.name for p in out.iterdir()} == {"probe_map.json", "probe_map.csv", "heatmap.png", "metrics.json"}
+    assert {p.name for p in out.iterdir()} == {"probe_map.json", "probe_map.csv", "heatmap.png", "metrics.json",
+                                               "run.json"}
     assert json.loads((out / "probe_map.json").read_text())["settings"]["c_grid"] == [0.1, 10.0]
+    assert result.output.splitlines()[-1].startswith(f"wrote {out}/probe_map.json, probe_map.csv, heatmap.png, "
+                                                     "metrics.json and run.json (")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -476,3 +479,31 @@ def test_every_dvc_stage_runs_a_satdifuser_command_with_options_it_has():
         assert {w for w in words if w.startswith("--")} <= known, name
         assert "cli.py" in stage["deps"] and "pipeline/params.py" in stage["deps"], name
         assert not any(str(dep).startswith("stages") for dep in stage["deps"]), name
+
+
+def test_the_top_level_plots_read_the_runs_params_yaml_names():
+    """Each top-level plot reads files of the first fit.partitions x fit.seeds run of tasks x fit.fusers,
+    the validation curves each task's own val_<metric> column, through a template that exists."""
+    from pathlib import Path
+
+    from pipeline.config import load_config
+    from pipeline.metrics import SELECTION
+
+    repo = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    run = f"{params['fit']['partitions'][0]}/seed{params['fit']['seeds'][0]}"
+    kinds = {t["dataset"]: load_config(str(repo / "configs" / f"{t['config']}_exp.yaml")).task for t in params["tasks"]}
+    plots = yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]
+    seen = set()
+    for plot in plots:
+        (title, spec), = plot.items()
+        template = spec["template"]
+        assert template in {"confusion", "bar_horizontal"} or (repo / ".dvc" / "plots" / f"{template}.json").is_file()
+        for path, field in spec["y"].items():
+            path = path.replace("${fit.partitions[0]}/seed${fit.seeds[0]}", run)
+            _, dataset, fuser, rest = path.split("/", 3)
+            assert dataset in kinds and fuser in params["fit"]["fusers"] and rest.startswith(f"{run}/"), (title, path)
+            if template == "validation":
+                assert rest == f"{run}/history.csv" and field == f"val_{SELECTION[kinds[dataset]]}", (title, path)
+                seen.add((dataset, fuser))
+    assert seen == {(d, f) for d in kinds for f in params["fit"]["fusers"]}  # every task's fusers overlaid

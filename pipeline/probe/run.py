@@ -1,8 +1,9 @@
 """A probe run: the map over every cell of a task's caches, label efficiency, and their files.
 
 Files in ``out_dir``: ``probe_map.json`` (settings, task, rows, best cells) and ``probe_map.csv``
-(one row per probe), ``heatmap.png``, ``metrics.json`` (the three best cells, for ``dvc metrics``),
-and with partitions ``label_efficiency.csv`` and ``label_efficiency.png``.
+(one row per probe), ``heatmap.png``, ``metrics.json`` (the scores of the three best cells, numbers
+only, for ``dvc metrics``) with ``run.json`` (the task, the metric and which cells those are), and
+with partitions ``label_efficiency.csv`` and ``label_efficiency.png``.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def run_probe(cache_dir: str | Path, out_dir: str | Path, settings: ProbeSetting
               task_dir: str | Path | None = None, partitions: list[str] | None = None, seeds: int = 0,
               storage_options: dict | None = None, scheduler: str | None = None,
               scheduler_timeout: float = CONNECT_TIMEOUT) -> dict:
-    """Probe map of the full train split, then (with ``partitions``) label efficiency; returns metrics.
+    """Probe map of the full train split, then (with ``partitions``) label efficiency; returns the
+    summary that ``metrics.json`` (its numbers) and ``run.json`` (the rest) hold between them.
 
     ``partitions`` names ``<f>x_train`` partitions of the GEO-Bench task in ``task_dir``; ``["all"]``
     takes every one the task has. ``seeds`` adds that many random draws of each partition's size.
@@ -155,17 +157,17 @@ def _run(cache_dir, out_dir, settings, task_dir, partitions, seeds, storage_opti
 
     probe_heatmap(out_dir / "heatmap.png", rows, caches["train"].timesteps, caches["train"].layers,
                   rows[0]["metric"], best["best layer"] if "best layer" in best else None)
-    metrics = {"task": info.kind, "metric": rows[0]["metric"], "seconds": record["seconds"],
+    summary = {"task": info.kind, "metric": rows[0]["metric"], "seconds": record["seconds"],
                **{k.replace(" ", "_"): _brief(r) for k, r in record["best"].items()}}
     if partitions:
         curve = label_efficiency(probe, caches["train"], resolved, best, seeds, rows)
         _write_curve(out_dir, curve, rows[0]["metric"])
-        metrics["label_efficiency"] = {f"{r['partition']}/{r['probe'].replace(' ', '_')}": round(r["value"], 4)
-                                       for r in curve if r["draw"] == "partition" and r["value"] is not None}
+        summary["label_efficiency"] = {f"{r['partition']}/{r['probe'].replace(' ', '_')}": round(r["value"], 4)
+                                      for r in curve if r["draw"] == "partition" and r["value"] is not None}
     elif no_curve:
         _write_curve(out_dir, [], rows[0]["metric"], no_curve)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+    _write_summary(out_dir, summary)
+    return summary
 
 
 def label_efficiency(probe: Probe, train: FeatureCache, partitions: dict[str, np.ndarray], best: dict,
@@ -218,6 +220,30 @@ def _find(rows, cell: Cell) -> dict:
 
 def _brief(row: dict) -> dict:
     return {"timestep": row["timestep"], "layer": row["layer"], "val": round(row["val"], 4), "test": round(row["value"], 4)}
+
+
+def _split_numbers(record: dict) -> tuple[dict, dict]:
+    """(numbers, the rest) of a nested record, each keeping the record's nesting: ``dvc metrics show``
+    makes a column of every key, so names in metrics.json would only widen its table."""
+    numbers, rest = {}, {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            value_numbers, value_rest = _split_numbers(value)
+            if value_numbers:
+                numbers[key] = value_numbers
+            if value_rest:
+                rest[key] = value_rest
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers[key] = value
+        else:
+            rest[key] = value
+    return numbers, rest
+
+
+def _write_summary(out_dir: Path, summary: dict) -> None:
+    metrics, run = _split_numbers(summary)
+    (out_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def _write_map(out_dir: Path, record: dict) -> None:

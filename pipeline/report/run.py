@@ -176,13 +176,7 @@ def probe_rows(probe_root: Path, tasks) -> list[dict]:
         if not path.is_file():
             raise UserError(f"{path}: no probe results for the task {task.dataset} that params.yaml names; make them "
                             f"with `dvc repro`")
-        m = _json(path)
-        for name in ("best_layer", "best_timestep", "all"):
-            cell = m.get(name)
-            if isinstance(cell, dict) and isinstance(cell.get("test"), (int, float)):  # a skipped probe has none
-                rows.append({"task": task.dataset, "kind": "probe", "fuser": f"{name} ({cell['timestep']}, {cell['layer']})",
-                             "seed": "", "partition": "default", "metric": m.get("metric"), "value": cell["test"],
-                             "unet_passes": 0, "reference_unet_passes": ""})
+        rows += _best_cell_rows(path, task.dataset)
         curve = path.parent / "label_efficiency.csv"
         if curve.exists():
             with open(curve) as f:
@@ -194,6 +188,27 @@ def probe_rows(probe_root: Path, tasks) -> list[dict]:
                                  "fuser": f"{r['probe'].replace(' ', '_')} ({r['timestep']}, {r['layer']})",
                                  "seed": seed, "partition": r["partition"], "metric": r["metric"],
                                  "value": float(r["value"]), "unet_passes": 0, "reference_unet_passes": ""})
+    return rows
+
+
+def _best_cell_rows(path: Path, dataset: str) -> list[dict]:
+    """The probe's best cells: their scores from ``path`` (metrics.json, numbers only) and their
+    timestep, layer and metric from the run.json beside it."""
+    scores, run_path = _json(path), path.parent / "run.json"
+    if not run_path.is_file():
+        raise UserError(f"{run_path}: missing beside the probe's metrics.json, which names no cells; run the probe "
+                        "again (`dvc repro`)")
+    run, rows = _json(run_path), []
+    for name in ("best_layer", "best_timestep", "all"):
+        cell, where = scores.get(name), run.get(name)
+        if not (isinstance(cell, dict) and isinstance(cell.get("test"), (int, float))):  # a skipped probe has none
+            continue
+        if not (isinstance(where, dict) and {"timestep", "layer"} <= set(where)):
+            raise UserError(f"{run_path}: no timestep and layer of '{name}', which {path} scores; run the probe again "
+                            "(`dvc repro`)")
+        rows.append({"task": dataset, "kind": "probe", "fuser": f"{name} ({where['timestep']}, {where['layer']})",
+                     "seed": "", "partition": "default", "metric": run.get("metric"), "value": cell["test"],
+                     "unet_passes": 0, "reference_unet_passes": ""})
     return rows
 
 

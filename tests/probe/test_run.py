@@ -71,7 +71,18 @@ def test_run_probe_writes_map_heatmap_metrics_and_curve(demo_caches, tmp_path):
     assert all(table[i]["C"] in ("0.1", "1.0") for i in range(67))
     assert (tmp_path / "heatmap.png").stat().st_size > 10_000
     assert metrics["best_layer"]["test"] == pytest.approx(record["best"]["best layer"]["value"], abs=1e-4)
-    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    # metrics.json holds the numbers of the summary, run.json the rest; together they are the summary
+    numbers = json.loads((tmp_path / "metrics.json").read_text())
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert set(numbers) == {"seconds", "best_layer", "best_timestep", "all", "label_efficiency"}
+    assert numbers["seconds"] == metrics["seconds"] and numbers["label_efficiency"] == metrics["label_efficiency"]
+    for name in ("best_layer", "best_timestep", "all"):
+        assert numbers[name] == {"val": metrics[name]["val"], "test": metrics[name]["test"]}
+        assert run[name] == {"timestep": metrics[name]["timestep"], "layer": metrics[name]["layer"]}
+    assert run == {"task": "classification", "metric": "accuracy",
+                   **{name: run[name] for name in ("best_layer", "best_timestep", "all")}}
+    assert run["best_layer"] == {k: record["best"]["best layer"][k] for k in ("timestep", "layer")}
+    assert run["all"] == {"timestep": "all", "layer": "all"}
 
     with open(tmp_path / "label_efficiency.csv") as f:
         curve = list(csv.DictReader(f))
@@ -94,6 +105,7 @@ def test_segmentation_run_states_grid_and_pixels(demo_caches, tmp_path):
     metrics = run_probe(cache_dir, tmp_path, FAST)
     record = json.loads((tmp_path / "probe_map.json").read_text())
     assert metrics["metric"] == "miou" and record["settings"]["seg_grid"] == 8 and record["settings"]["seg_pixels"] == 8
+    assert json.loads((tmp_path / "run.json").read_text())["metric"] == "miou"
     assert record["rows"][0]["n_train_pixels"] == 20 * 8
     assert not (tmp_path / "label_efficiency.csv").exists()
 
@@ -176,7 +188,7 @@ def test_a_pooled_only_cache_is_probed_end_to_end_and_a_segmentation_probe_asks_
         run_probe(seg, tmp_path / "seg", FAST)
     assert str(err.value) == (f"cache {seg}/train.zarr holds the tiers ['pooled'], not maps, which a segmentation probe "
                               "needs; re-extract with `satdifuser extract CONFIG --overwrite --store maps,pooled`")
-    assert not (tmp_path / "seg" / "metrics.json").exists()
+    assert not (tmp_path / "seg" / "metrics.json").exists() and not (tmp_path / "seg" / "run.json").exists()
 
 
 def test_a_single_class_training_split_stops_the_map_in_one_line(tmp_path):

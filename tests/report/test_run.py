@@ -55,8 +55,9 @@ def write_run(root: Path, task: str, fuser: str, partition: str, seed: int, valu
 def write_probe(root: Path, task: str) -> None:
     folder = root / "probes" / task
     folder.mkdir(parents=True)
-    (folder / "metrics.json").write_text(json.dumps({
-        "metric": "accuracy", "best_layer": {"timestep": "t47", "layer": "a", "val": 0.9, "test": 0.8}}))
+    (folder / "metrics.json").write_text(json.dumps({"seconds": 1.0, "best_layer": {"val": 0.9, "test": 0.8}}))
+    (folder / "run.json").write_text(json.dumps({"task": "classification", "metric": "accuracy",
+                                                 "best_layer": {"timestep": "t47", "layer": "a"}}))
     with open(folder / "label_efficiency.csv", "w", newline="") as f:
         w = csv.DictWriter(f, ["partition", "fraction", "draw", "probe", "timestep", "layer", "n_train", "metric", "value"])
         w.writeheader()
@@ -276,10 +277,36 @@ def test_the_ledger_totals_the_named_tasks_caches_and_fits(tmp_path):
     assert json.loads((tmp_path / "reports" / "ledger.json").read_text()) == totals
 
 
+def test_probe_rows_take_their_scores_from_metrics_json_and_their_cells_from_run_json(tmp_path):
+    grid = make_grid(tmp_path, params(partitions=("default",), seeds=(1,)))
+    folder = tmp_path / "probes" / "toy"
+    (folder / "metrics.json").write_text(json.dumps({"best_layer": {"val": 0.9, "test": 0.8},
+                                                     "all": {"val": 0.95, "test": 0.85}}))
+    (folder / "run.json").write_text(json.dumps({"metric": "accuracy", "best_layer": {"timestep": "t40", "layer": "b"},
+                                                 "all": {"timestep": "all", "layer": "all"}}))
+    report(tmp_path, grid)
+    probes = [(r["fuser"], r["metric"], r["value"]) for r in read_csv(tmp_path / "reports" / "summary.csv")
+              if r["kind"] == "probe"]
+    assert probes == [("best_layer (t40, b)", "accuracy", "0.8"), ("all (all, all)", "accuracy", "0.85")]
+    assert "| toy | best_layer (t40, b) | accuracy | 0.8000 |" in (tmp_path / "reports" / "summary.md").read_text()
+
+    (folder / "run.json").write_text(json.dumps({"metric": "accuracy", "best_layer": {"timestep": "t40", "layer": "b"}}))
+    with pytest.raises(UserError) as err:
+        report(tmp_path, grid)
+    assert str(err.value) == (f"{folder / 'run.json'}: no timestep and layer of 'all', which {folder / 'metrics.json'} "
+                              "scores; run the probe again (`dvc repro`)")
+    (folder / "run.json").unlink()
+    with pytest.raises(UserError) as err:
+        report(tmp_path, grid)
+    assert str(err.value) == (f"{folder / 'run.json'}: missing beside the probe's metrics.json, which names no cells; "
+                              "run the probe again (`dvc repro`)")
+
+
 def test_a_skipped_probe_and_an_empty_curve_leave_only_the_fits(tmp_path):
     grid = make_grid(tmp_path, params(partitions=("default",), seeds=(1, 2)))
     folder = tmp_path / "probes" / "toy"
-    (folder / "metrics.json").write_text(json.dumps({"task": "classification", "skipped": "one class in train"}))
+    (folder / "metrics.json").write_text(json.dumps({"seconds": 1.0}))
+    (folder / "run.json").write_text(json.dumps({"task": "classification", "skipped": "one class in train"}))
     (folder / "label_efficiency.csv").write_text("partition,fraction,draw,probe,timestep,layer,n_train,metric,value\n")
     report(tmp_path, grid)
     kinds = {r["kind"] for r in read_csv(tmp_path / "reports" / "summary.csv")}
