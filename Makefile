@@ -2,26 +2,35 @@
 # A CUDA machine: install your CUDA torch into .venv first (see README); it is kept.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Bytecode is compiled on first import instead, only for the modules that are imported.
+PIP := $(PY) -m pip install -q --no-compile
 TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 # DVC stages call `python`: make it the project's interpreter.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test
+.PHONY: setup setup-test demo test
 
 setup: $(VENV)/.installed
 
+# The test tools and the object-store packages (s3://) on top of setup.
+setup-test: $(VENV)/.installed-test
+
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH)"
+	$(PIP) -r requirements.txt
+	$(PIP) --no-deps -r requirements-nodeps.txt
+	$(PIP) --no-deps --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PIP) -r requirements-test.txt
 	touch $@
 
 demo: setup
 	dvc repro
 
-test: setup
+test: setup-test
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q

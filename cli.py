@@ -647,7 +647,7 @@ def demo_data(
 ):
     """Cut the Sentinel-2 demo scene into GEO-Bench classification and segmentation tasks.
 
-    With --params (the DVC stage), the section `demo_data` (root, patch_size, block_patches, seed),
+    With --params (the DVC stage), the section `demo_data` (root, patch_size, block_patches, seed, max_grid),
     replacing the tasks there."""
     from pipeline.data.demo import build_demo_tasks
 

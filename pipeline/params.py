@@ -19,7 +19,7 @@ SECTIONS = {
     "fit": {"device", "fusers", "partitions", "seeds", "overrides"},
     "probe": {"partitions", "seeds", "settings", "scheduler", "scheduler_timeout"},
     "report": {"out", "bootstrap", "leaderboard"},
-    "demo_data": {"root", "patch_size", "block_patches", "seed"},
+    "demo_data": {"root", "patch_size", "block_patches", "seed", "max_grid"},
     "demo_backbone": {"root", "img_size", "seed"},
 }
 MAPPINGS = {"overrides", "settings", "bootstrap", "leaderboard"}  # keys whose value is itself a mapping

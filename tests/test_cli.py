@@ -437,7 +437,7 @@ def test_a_bad_params_file_or_section_is_one_line_naming_the_file_and_key(exp_fi
     (["probe", "--cache-dir", "{tmp}", "--dataset", "task", "--out", "{tmp}/p"], "probe",
      "partitions, scheduler, scheduler_timeout, seeds, settings"),
     (["report"], "report", "bootstrap, leaderboard, out"),
-    (["demo", "data", "--out", "{tmp}/d"], "demo_data", "block_patches, patch_size, root, seed"),
+    (["demo", "data", "--out", "{tmp}/d"], "demo_data", "block_patches, max_grid, patch_size, root, seed"),
     (["demo", "backbone", "--out", "{tmp}/b"], "demo_backbone", "img_size, root, seed"),
 ])
 def test_every_command_with_params_refuses_an_unknown_key_of_its_section(exp_file, tmp_path, command, section,

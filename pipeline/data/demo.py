@@ -141,6 +141,27 @@ def scene_dir() -> Path:
     return Path(str(root.joinpath(*SCENE_SUBDIR)))
 
 
+def scene_patches(patch_size: int) -> tuple[int, int]:
+    """Rows and columns of whole ``patch_size`` patches in the scene (B04's header; no pixels read)."""
+    import rasterio
+
+    with rasterio.open(scene_dir() / "s2_B04.jp2") as ref:
+        return ref.height // patch_size, ref.width // patch_size
+
+
+def checked_grid(max_grid, patch_size: int) -> tuple[int, int] | None:
+    """``max_grid`` as (rows, cols), refused unless it is a pair of positive integers within the scene."""
+    if max_grid is None:
+        return None
+    rows, cols = scene_patches(patch_size)
+    pair = isinstance(max_grid, (list, tuple)) and len(max_grid) == 2 and all(
+        isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in max_grid)
+    if not pair or max_grid[0] > rows or max_grid[1] > cols:
+        raise UserError(f"max_grid {max_grid!r}: expected [rows, cols] of patches, at most [{rows}, {cols}] "
+                        f"(the scene at patch_size {patch_size}), or null for the whole scene")
+    return int(max_grid[0]), int(max_grid[1])
+
+
 def load_scene(rows: int | None = None, cols: int | None = None):
     """Return (stack, transform, crs): a (13, rows, cols) int16 stack on the B04 grid.
 
@@ -272,7 +293,8 @@ def build_demo_tasks(root: Path, patch_size: int = 64, block_patches: int = 5, s
     """Write both demo tasks under ``root`` (a GEO_BENCH_DIR-style folder).
 
     ``max_grid`` = (rows, cols) limits the patch grid to its top-left corner, for quick
-    builds. Returns the summary that is also written to ``root/demo_summary.json``.
+    builds (None: the whole scene). Returns the summary that is also written to
+    ``root/demo_summary.json``.
     """
     root = Path(root)
     output_folder(root)
@@ -280,6 +302,7 @@ def build_demo_tasks(root: Path, patch_size: int = 64, block_patches: int = 5, s
     for task_dir in (cls_dir, seg_dir):  # refuse before any expensive work
         _check_dir(task_dir, overwrite)
     scene_dir()  # fail with the install hint before anything is deleted
+    max_grid = checked_grid(max_grid, patch_size)  # and on a grid the scene cannot give
     for task_dir in (cls_dir, seg_dir):
         _clear_dir(task_dir)
 

