@@ -44,7 +44,7 @@ FIT_OUTPUTS = {"metrics.json", "run.json", "history.csv", "model", "plots", "tra
 SOURCES = ("maps", "trajectory", "live")
 # The code a fit's numbers depend on, as dvc.yaml's fit stage lists it (a test keeps the two equal);
 # its digest is one of a run's inputs, so a run of other code is never taken for done.
-FIT_CODE = ("pipeline/__init__.py", "pipeline/config.py", "pipeline/errors.py", "pipeline/partitions.py",
+FIT_CODE = ("pipeline/__init__.py", "pipeline/config.py", "pipeline/device.py", "pipeline/errors.py", "pipeline/partitions.py",
             "pipeline/fit/run.py", "pipeline/fit/loop.py", "pipeline/fit/resume.py", "pipeline/outputs.py",
             "pipeline/model.py", "pipeline/metrics.py", "pipeline/plots.py", "pipeline/extract/run.py",
             "pipeline/extract/extractor.py", "pipeline/data/geobench_task.py",
