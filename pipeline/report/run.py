@@ -163,7 +163,7 @@ def _json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except ValueError as err:
-        raise UserError(f"{path}: not valid JSON ({err}); run the fit again (`dvc repro`)") from None
+        raise UserError(f"{path}: not valid JSON ({err}); run the stage that wrote it again (`dvc repro`)") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data

@@ -300,6 +300,9 @@ def test_probe_rows_take_their_scores_from_metrics_json_and_their_cells_from_run
         report(tmp_path, grid)
     assert str(err.value) == (f"{folder / 'run.json'}: missing beside the probe's metrics.json, which names no cells; "
                               "run the probe again (`dvc repro`)")
+    (folder / "run.json").write_text('{"metric": "accuracy", "best_layer": {"timestep": "t40"')  # cut short
+    with pytest.raises(UserError, match=r"run\.json: not valid JSON \(.*\); run the stage that wrote it again \(`dvc repro`\)$"):
+        report(tmp_path, grid)
 
 
 def test_a_skipped_probe_and_an_empty_curve_leave_only_the_fits(tmp_path):
