@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from pipeline.fusion.bottleneck import Bottleneck
 from pipeline.fusion.fusers import GlobalWeightedFuser, LocalWeightedFuser, MoEFuser, group_by_scale, timestep_order
 from pipeline.model import FusionModel, ModelConfig, parameter_count
 
@@ -34,18 +33,6 @@ def feats(shapes=SMALL, timesteps=("t47", "t40"), batch=2, seed=0):
 def test_scales_are_grouped_widest_first_and_timesteps_least_noisy_first():
     assert list(group_by_scale(SMALL).items()) == [(4, ["b_1_attn1_0", "b_1_conv2_0"]), (2, ["a_0_conv2_0"])]
     assert timestep_order(["t40", "t47", "t45"]) == ["t47", "t45", "t40"]
-
-
-def test_bottleneck_structure():
-    block = Bottleneck(64, 128)
-    assert block.shortcut is not None and Bottleneck(128, 128).shortcut is None
-    assert [m.weight.shape for m in (block.conv1, block.conv2, block.conv3)] == [(32, 64, 1, 1), (32, 32, 3, 3), (128, 32, 1, 1)]
-    assert all(m.bias is None for m in (block.conv1, block.conv2, block.conv3, block.shortcut))
-    assert block.conv1.norm.num_groups == 32
-    # MSRA fill: kaiming normal with fan_out = out_channels * k * k.
-    torch.manual_seed(0)
-    big = Bottleneck(256, 2048)
-    assert float(big.conv3.weight.detach().std()) == pytest.approx((2 / 2048) ** 0.5, rel=0.05)
 
 
 def test_gw_is_a_softmax_weighted_sum_of_projections():
