@@ -89,9 +89,13 @@ def _list_of(inner, what: str, length=None, nonempty=False):
     return check
 
 
+# The resampling factors the segmentation head's neck knows (heads.rescale).
+RESCALES = (4, 2, 1, 0.5, 0.25)
+
+
 def _rescales(v):
-    if not isinstance(v, (list, tuple)) or not v or any(isinstance(f, bool) or f not in (4, 2, 1, 0.5, 0.25) for f in v):
-        return "a non-empty list of factors from 4, 2, 1, 0.5, 0.25, one per scale, widest first"
+    if not isinstance(v, (list, tuple)) or not v or any(isinstance(f, bool) or f not in RESCALES for f in v):
+        return f"a non-empty list of factors from {', '.join(map(str, RESCALES))}, one per scale, widest first"
 
 
 def _fraction(v):

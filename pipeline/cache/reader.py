@@ -245,7 +245,7 @@ class FeatureCache:
                 self._readers[name] = ShardReader.for_array(self.array(name))
             if self._readers[name] is not None:
                 return self._readers[name].read(idx)
-        self._require_stored(name, idx)
+        self.require_stored(name, idx)
         array = self.array(name)
         try:
             return self._zarr_read(array, idx)
@@ -265,7 +265,7 @@ class FeatureCache:
                 return DamagedData(self.path, name, rows, f"cannot be read ({type(err).__name__}: {err})")
         return DamagedData(self.path, name, (int(idx.min()), int(idx.max()) + 1), "cannot be read")
 
-    def _require_stored(self, name: str, idx: np.ndarray) -> None:
+    def require_stored(self, name: str, idx: np.ndarray) -> None:
         """Raise naming the array and rows when an object holding rows ``idx`` is not in the store:
         zarr would return its fill value instead."""
         array = self.array(name)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-RESCALES = (4, 2, 1, 0.5, 0.25)
+from ..config import RESCALES
 
 
 class LinearHead(nn.Module):

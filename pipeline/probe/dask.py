@@ -63,7 +63,7 @@ def _from_zarr(cache, name: str):
     import dask.array as da
 
     array = cache.array(name)
-    cache._require_stored(name, np.arange(len(cache)))
+    cache.require_stored(name, np.arange(len(cache)))
     return da.from_zarr(array, chunks=(cache.specs[name].rows_per_file, *array.shape[1:]))
 
 
