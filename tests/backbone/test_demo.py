@@ -52,6 +52,9 @@ def test_the_vae_posterior_is_narrow(tiny_backbone):
         posterior = vae.encode(image).latent_dist
     torch.testing.assert_close(posterior.std, torch.full_like(posterior.std, torch.exp(torch.tensor(-6.0)).item()))
     assert posterior.mean.shape == (1, 4, IMG // 8, IMG // 8)
+    # The mean is scaled so that latents x 0.18215 have about unit std, the range SD's UNet expects
+    # (0.97 on this image; an unscaled random VAE gives about 0.03).
+    assert 0.5 < float((posterior.mean * 0.18215).std()) < 2
 
 
 def test_build_refuses_to_overwrite(tiny_backbone):

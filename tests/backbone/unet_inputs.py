@@ -2,10 +2,11 @@
 
 import torch
 
-IMG = 64
+IMG = 64  # the size the tiny_backbone fixture (tests/conftest.py) is built at
 
 
-def unet_inputs(model, batch=2):
+def unet_inputs(model):
+    batch = 2  # one per timestep below
     gen = torch.Generator().manual_seed(0)
     latent = torch.randn(batch, 4, IMG // 8, IMG // 8, generator=gen)
     ids = model.tokenizer(

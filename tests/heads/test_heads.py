@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.heads.heads import LinearHead, UPerNetHead
+from pipeline.config import RESCALES
+from pipeline.heads.heads import LinearHead, UPerNetHead, rescale
 
 
 def test_linear_head_sums_upsampled_scales_then_pools():
@@ -52,3 +53,17 @@ def test_upernet_default_neck_has_no_parameters_and_bad_factors_are_refused():
         UPerNetHead(16, num_scales=3, num_classes=5, channels=8, rescales=[1, 1])
     with pytest.raises(ValueError, match="rescale factor 3 is not one of"):
         UPerNetHead(16, num_scales=1, num_classes=5, channels=8, rescales=[3])
+
+
+@pytest.mark.parametrize("factor", RESCALES)
+def test_every_factor_the_config_accepts_builds_and_scales_by_it(factor):
+    # config.RESCALES is what a config may ask for; rescale() must build each one.
+    op = rescale(factor, 4).eval()
+    with torch.no_grad():
+        out = op(torch.randn(1, 4, 8, 8))
+    assert out.shape == (1, 4, int(8 * factor), int(8 * factor))
+
+
+def test_a_factor_outside_the_list_is_refused():
+    with pytest.raises(ValueError, match=r"rescale factor 3 is not one of \(4, 2, 1, 0.5, 0.25\)"):
+        rescale(3, 4)
